@@ -1,0 +1,294 @@
+"""The MLflow run layout of docs/architecture.md ("MLflow layout"), written in one place.
+
+One parent run per sweep (`bev.role=sweep`), one run per pretraining (`bev.role=pretrain`) and
+one per trial (`bev.role=trial`), both children of the sweep. Runs are found again by tag
+(`bev.trial_id`, `bev.pretrain_key`), never created twice: a resumed or retried trial reopens
+its run. `analysis/load.py` reads what this module writes.
+
+Where settings come from is decided by `resolve_tracking_uri` and `resolve_ray_address`:
+CLI flag > environment variable > spec > default.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ROLE = "bev.role"
+TRIAL_ID = "bev.trial_id"
+PRETRAIN_KEY = "bev.pretrain_key"
+PARENT = "mlflow.parentRunId"
+ERROR = "bev.error"
+MAX_TAG_CHARS = 5000  # MLflow keeps tag values up to 8000 characters; leave room
+
+PACKAGES = (
+    "bevlabels",
+    "torch",
+    "torchvision",
+    "numpy",
+    "ray",
+    "mlflow",
+    "optuna",
+    "pydantic",
+    "nuscenes-devkit",
+    "transformers",
+    "shapely",
+)
+
+
+# --- where things are --------------------------------------------------------------------------
+
+
+def _first_set(*candidates: tuple[str, str | None]) -> tuple[str | None, str]:
+    for source, value in candidates:
+        if value:
+            return value, source
+    return None, "unset"
+
+
+def resolve_tracking_uri(
+    cli: str | None = None, spec: str | None = None, default: str | None = None
+) -> str:
+    """MLflow tracking URI: `cli` (a flag) > $MLFLOW_TRACKING_URI > `spec` > `default`.
+
+    Analysis resolves its store in the same order; the harness's default is the study folder's
+    SQLite file (`sqlite_uri(<storage_path>/mlflow.db)`).
+    """
+    uri, source = _first_set(
+        ("command line", cli),
+        ("$MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")),
+        ("spec", spec),
+        ("default", default),
+    )
+    if uri is None:
+        raise ValueError("no MLflow tracking URI: pass one, set $MLFLOW_TRACKING_URI or a default")
+    log.info("MLflow tracking URI %s (from %s)", uri, source)
+    return uri
+
+
+def resolve_ray_address(cli: str | None = None, spec: str | None = None) -> str | None:
+    """Ray cluster address: `cli` (`--address`) > $RAY_ADDRESS > `spec` > None (a local Ray)."""
+    address, source = _first_set(
+        ("command line", cli), ("$RAY_ADDRESS", os.environ.get("RAY_ADDRESS")), ("spec", spec)
+    )
+    log.info("Ray address %s (from %s)", address or "local", source)
+    return address
+
+
+def sqlite_uri(path: Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+# --- values ------------------------------------------------------------------------------------
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts/lists -> {"a.b": "v"}; lists of scalars stay one JSON value."""
+    out: dict[str, str] = {}
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(value, list | tuple) and any(isinstance(v, Mapping) for v in value):
+        for i, item in enumerate(value):
+            out.update(flatten(item, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return out
+
+
+def git_commit(where: Path | None = None) -> tuple[str, bool]:
+    """(commit, dirty) of the repository holding `where` (default: this package)."""
+    where = where or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return commit, bool(status.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+def environment_info() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "packages": versions,
+    }
+
+
+def error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= MAX_TAG_CHARS else text[: MAX_TAG_CHARS - 3] + "..."
+
+
+# --- runs --------------------------------------------------------------------------------------
+
+
+class Tracker:
+    """An MLflow client bound to one tracking URI and one experiment."""
+
+    def __init__(self, tracking_uri: str, experiment: str, create: bool = True):
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            if not create:
+                raise LookupError(f"no experiment {experiment!r} in {tracking_uri}")
+            self.experiment_id = self.client.create_experiment(experiment)
+        else:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            self.experiment_id = found.experiment_id
+        self.experiment = experiment
+
+    # finding and opening
+
+    def find(self, tags: Mapping[str, str]) -> list:
+        """Active runs of the experiment carrying all `tags`, oldest first."""
+        from mlflow.entities import ViewType
+
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=" and ".join(clauses),
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+        )
+        return list(runs)
+
+    def open_run(
+        self, identity: Mapping[str, str], run_name: str, tags: Mapping[str, str] | None = None
+    ) -> tuple[str, bool]:
+        """The run carrying the `identity` tags, reopened (RUNNING), or a new one.
+
+        Returns (run_id, created). Idempotence by tag is what makes retries and resumes leave
+        exactly one run per trial and per pretraining.
+        """
+        found = self.find(identity)
+        if found:
+            if len(found) > 1:
+                log.warning("%d runs carry %s; using the first", len(found), dict(identity))
+            run = found[0]
+            if run.info.status != "RUNNING":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            if ERROR in run.data.tags:
+                self.client.delete_tag(run.info.run_id, ERROR)
+            return run.info.run_id, False
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags={**identity, **(tags or {})}
+        )
+        return run.info.run_id, True
+
+    def finish(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+        if error:
+            self.client.set_tag(run_id, ERROR, error[:MAX_TAG_CHARS])
+        self.client.set_terminated(run_id, status=status)
+
+    def close_unfinished(self, parent_run_id: str, status: str = "KILLED") -> int:
+        """Mark children of the sweep still RUNNING (their process died) as `status`."""
+        closed = 0
+        for run in self.find({PARENT: parent_run_id}):
+            if run.info.status == "RUNNING":
+                self.finish(run.info.run_id, status, error=None)
+                closed += 1
+        return closed
+
+    # writing
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log params that the run does not hold yet (MLflow refuses to change a param)."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        fresh = [
+            Param(k, str(v)[:6000])
+            for k, v in params.items()
+            if k not in existing and v is not None
+        ]
+        for start in range(0, len(fresh), 100):
+            self.client.log_batch(run_id, params=fresh[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[start : start + 1000])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        if batch:
+            self.client.log_batch(run_id, tags=batch)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_json(self, run_id: str, value: Any, artifact_file: str) -> None:
+        self.client.log_text(run_id, json.dumps(value, indent=2, default=str), artifact_file)
+
+    @contextmanager
+    def system_metrics(self, run_id: str, interval_s: float, resumed: bool) -> Iterator[None]:
+        """MLflow's system metrics monitor (CPU, memory, disk, network; GPU with pynvml) for
+        the duration of the block, where the platform supports it."""
+        monitor = None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                run_id,
+                sampling_interval=interval_s,
+                resume_logging=resumed,
+                tracking_uri=self.tracking_uri,
+            )
+            monitor.start()
+        except Exception as exc:  # psutil missing, an unsupported platform: train without it
+            log.warning("MLflow system metrics unavailable: %s", exc)
+            monitor = None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                try:
+                    monitor.finish()
+                except Exception as exc:
+                    log.debug("stopping system metrics: %s", exc)
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True

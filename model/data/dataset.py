@@ -1,0 +1,514 @@
+"""Keyframes of a nuScenes-format dataroot as model-ready samples (contract: docs/architecture.md).
+
+Every read of the dataroot's tables goes through nuscenes-devkit, for real nuScenes and the
+synthetic dataroot alike. At construction the devkit tables are condensed into one small record
+per keyframe (paths and matrices), so workers never touch the devkit, and the BEV labels of the
+split are built into the label cache if they are not there yet (``model.data.prepare``).
+
+Camera extrinsics are motion-compensated: each camera's ``ego_from_cam`` maps into the
+keyframe's ego frame (the LIDAR_TOP sample's ego pose), through the ego pose at the camera's own
+timestamp, as BEVFormer's ``lidar2img`` does.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from model.data.errors import (
+    CorruptImageError,
+    DatarootNotFoundError,
+    MapNotFoundError,
+    MissingPseudoLabelsError,
+)
+from model.data.labels import LabelConfig
+from model.data.prepare import LabelCache, LabelJob, default_cache_dir
+from model.geometry import CAMERAS, invert_transform, scale_intrinsics, transform_from_pose
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+PSEUDO_LABELERS = ("synthetic", "mask2former")
+_KEY_SENSOR = "LIDAR_TOP"
+
+# Official devkit split names per version for the generic names "train" / "val" / "test".
+_DEVKIT_SPLITS = {
+    "v1.0-mini": {"train": "mini_train", "val": "mini_val"},
+    "v1.0-trainval": {"train": "train", "val": "val"},
+    "v1.0-test": {"test": "test"},
+}
+
+
+# --- dataroot checks, splits, fingerprint ---------------------------------------------------
+
+
+def check_dataroot(dataroot: Path | str, version: str) -> Path:
+    """The dataroot as a Path; a clear error naming the path when it or the version is absent."""
+    root = Path(dataroot).expanduser()
+    if not root.is_dir():
+        raise DatarootNotFoundError(f"nuScenes dataroot {root} does not exist")
+    tables = root / version
+    if not tables.is_dir():
+        found = sorted(p.name for p in root.glob("v1.0-*") if p.is_dir())
+        raise DatarootNotFoundError(
+            f"version folder {tables} does not exist (versions in {root}: {found or 'none'})"
+        )
+    return root
+
+
+def split_names(dataroot: Path | str, version: str) -> list[str]:
+    """The splits a dataroot offers: its splits.json keys, else the devkit's for the version."""
+    root = check_dataroot(dataroot, version)
+    if (root / "splits.json").is_file():
+        return sorted(json.loads((root / "splits.json").read_text()))
+    return sorted(_DEVKIT_SPLITS.get(version, {"train": "train", "val": "val"}))
+
+
+def split_scenes(dataroot: Path | str, version: str, split: str) -> list[str]:
+    """Scene names of a split: ``DIR/splits.json`` when present, else the devkit's official ones.
+
+    ``train`` / ``val`` name ``mini_train`` / ``mini_val`` for v1.0-mini; any devkit split name
+    (``mini_train``, ``train_detect``, ...) is accepted as is.
+    """
+    root = check_dataroot(dataroot, version)
+    split_file = root / "splits.json"
+    if split_file.is_file():
+        splits = json.loads(split_file.read_text())
+        if split not in splits:
+            raise ValueError(f"split {split!r} is not in {split_file} (has {sorted(splits)})")
+        return list(splits[split])
+    from nuscenes.utils.splits import create_splits_scenes
+
+    official = create_splits_scenes(verbose=False)
+    name = _DEVKIT_SPLITS.get(version, {}).get(split, split)
+    if name not in official:
+        raise ValueError(f"unknown split {split!r} for {version} (devkit has {sorted(official)})")
+    return list(official[name])
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(root: str, version: str, stats: tuple) -> str:
+    digest = hashlib.sha256(version.encode())
+    for rel, _size, _mtime in stats:
+        digest.update(rel.encode())
+        with open(Path(root) / rel, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def dataset_fingerprint(dataroot: Path | str, version: str) -> str:
+    """Content hash of the version's tables and the vector maps (what labels are made from)."""
+    root = check_dataroot(dataroot, version)
+    files = sorted((root / version).glob("*.json")) + sorted(root.glob("maps/expansion/*.json"))
+    stats = tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _fingerprint(str(root), version, stats)
+
+
+@functools.lru_cache(maxsize=1)
+def load_nuscenes(dataroot: str, version: str):
+    """The devkit's NuScenes for a dataroot (kept for the next call: train then val)."""
+    from nuscenes.nuscenes import NuScenes
+
+    return NuScenes(version=version, dataroot=dataroot, verbose=False)
+
+
+# --- per-keyframe records ------------------------------------------------------------------
+
+
+@dataclass
+class SampleRecord:
+    """Everything a sample needs from the tables, in plain arrays."""
+
+    sample_token: str
+    scene_name: str
+    location: str
+    image_paths: list[Path]  # in CAMERAS order
+    image_sizes: list[tuple[int, int]]  # original (height, width)
+    intrinsics: np.ndarray  # (6, 3, 3) for the original images
+    ego_from_cam: np.ndarray  # (6, 4, 4)
+    global_from_ego: np.ndarray  # (4, 4)
+    prev_index: int  # index of the previous keyframe in the same dataset, -1 if none
+
+
+def _pose(nusc, sample_data: dict) -> np.ndarray:
+    pose = nusc.get("ego_pose", sample_data["ego_pose_token"])
+    return transform_from_pose(pose["translation"], pose["rotation"])
+
+
+def _index_scene(nusc, root: Path, scene: dict, location: str) -> list[SampleRecord]:
+    records: list[SampleRecord] = []
+    token = scene["first_sample_token"]
+    while token:
+        sample = nusc.get("sample", token)
+        key_sensor = _KEY_SENSOR if _KEY_SENSOR in sample["data"] else "CAM_FRONT"
+        global_from_ego = _pose(nusc, nusc.get("sample_data", sample["data"][key_sensor]))
+        ego_from_global = invert_transform(global_from_ego)
+        paths, sizes, intrinsics, extrinsics = [], [], [], []
+        for cam in CAMERAS:
+            if cam not in sample["data"]:
+                raise ValueError(f"sample {token} of scene {scene['name']} has no {cam} image")
+            sd = nusc.get("sample_data", sample["data"][cam])
+            calib = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+            cam_ego_from_cam = transform_from_pose(calib["translation"], calib["rotation"])
+            extrinsics.append(ego_from_global @ _pose(nusc, sd) @ cam_ego_from_cam)
+            intrinsics.append(np.asarray(calib["camera_intrinsic"], dtype=np.float64))
+            paths.append(root / sd["filename"])
+            sizes.append((int(sd["height"]), int(sd["width"])))
+        records.append(
+            SampleRecord(
+                sample_token=token,
+                scene_name=scene["name"],
+                location=location,
+                image_paths=paths,
+                image_sizes=sizes,
+                intrinsics=np.stack(intrinsics),
+                ego_from_cam=np.stack(extrinsics),
+                global_from_ego=global_from_ego,
+                prev_index=len(records) - 1 if sample["prev"] else -1,
+            )
+        )
+        token = sample["next"]
+    return records
+
+
+def index_split(
+    dataroot: Path | str, version: str, split: str, scenes: Sequence[str] | None = None
+) -> list[SampleRecord]:
+    """Records of every keyframe of a split (or of ``scenes`` within it), scene by scene."""
+    root = check_dataroot(dataroot, version)
+    split_names_ = split_scenes(root, version, split)
+    if scenes is not None:
+        unknown = sorted(set(scenes) - set(split_names_))
+        if unknown:
+            raise ValueError(f"scenes {unknown} are not in split {split!r}")
+        wanted = [s for s in split_names_ if s in set(scenes)]
+    else:
+        wanted = split_names_
+    nusc = load_nuscenes(str(root), version)
+    by_name = {s["name"]: s for s in nusc.scene}
+    absent = [s for s in wanted if s not in by_name]
+    if absent:
+        raise ValueError(
+            f"{len(absent)} scenes of split {split!r} are not in {root / version}: {absent[:5]}"
+        )
+    records: list[SampleRecord] = []
+    for name in wanted:
+        scene = by_name[name]
+        location = nusc.get("log", scene["log_token"])["location"]
+        _check_map(root, name, location)
+        offset = len(records)
+        for rec in _index_scene(nusc, root, scene, location):
+            if rec.prev_index >= 0:
+                rec.prev_index += offset
+            records.append(rec)
+    return records
+
+
+def _check_map(root: Path, scene_name: str, location: str) -> None:
+    from nuscenes.map_expansion.map_api import locations
+
+    path = root / "maps" / "expansion" / f"{location}.json"
+    if location not in locations or not path.is_file():
+        raise MapNotFoundError(
+            f"scene {scene_name} is in map location {location!r} but {path} does not exist "
+            f"(the devkit knows {locations}); BEV labels need the map expansion"
+        )
+
+
+# --- image I/O -----------------------------------------------------------------------------
+
+
+def read_image(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """Decode an image file; ``CorruptImageError`` naming the file when it cannot be."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    if path.suffix.lower() in (".jpg", ".jpeg") and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        raise CorruptImageError(path, "truncated JPEG (no end-of-image marker)")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if image is None:
+        raise CorruptImageError(path)
+    return image
+
+
+_PIXEL_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)[:, None, None]
+_PIXEL_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)[:, None, None]
+_REDUCED_READS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                  (2, cv2.IMREAD_REDUCED_COLOR_2))  # fmt: skip
+
+
+def load_camera_image(
+    path: Path,
+    image_size: tuple[int, int],
+    original_size: tuple[int, int] | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """(3, H, W) float32 RGB, resized to ``image_size`` and ImageNet-normalised.
+
+    With the ``original_size`` known, a JPEG is decoded at 1/2, 1/4 or 1/8 scale when that is
+    still at least ``image_size`` (libjpeg scales in the DCT domain, much faster than decoding
+    everything and shrinking).
+    """
+    height, width = image_size
+    flags = cv2.IMREAD_COLOR
+    if original_size is not None:
+        for factor, reduced in _REDUCED_READS:
+            if original_size[0] // factor >= height and original_size[1] // factor >= width:
+                flags = reduced
+                break
+    bgr = read_image(path, flags)
+    if bgr.shape[:2] != (height, width):
+        shrink = bgr.shape[0] > height or bgr.shape[1] > width
+        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        bgr = cv2.resize(bgr, (width, height), interpolation=interpolation)
+    out = np.empty((3, height, width), np.float32) if out is None else out
+    for channel, plane in enumerate(reversed(cv2.split(bgr))):  # BGR -> RGB
+        out[channel] = plane
+    out *= _PIXEL_SCALE
+    out += _PIXEL_OFFSET
+    return out
+
+
+def pseudo_label_path(dataroot: Path, labeler: str, protocol: str, image_path: Path) -> Path:
+    """``DIR/pseudo_labels/<labeler>/<protocol>/CAM_*/<stem>.png`` for a camera image."""
+    return (
+        Path(dataroot)
+        / "pseudo_labels"
+        / labeler
+        / protocol
+        / image_path.parent.name
+        / f"{image_path.stem}.png"
+    )
+
+
+def pseudo_label_command(dataroot: Path, version: str, labeler: str, protocol: str) -> str:
+    command = (
+        f"python -m model.data.pseudo_labels --dataroot {dataroot} --version {version} "
+        f"--labeler {labeler} --protocol {protocol}"
+    )
+    if labeler == "mask2former":
+        command += " --checkpoint <DIR of the Mask2Former Vistas checkpoint>"
+    return command
+
+
+# --- the dataset ---------------------------------------------------------------------------
+
+
+class NuScenesBevDataset(Dataset):
+    """Keyframes of one split; items are the sample dicts of docs/architecture.md.
+
+    ``scenes`` restricts the split to those scenes (e.g. a label subset). ``load_prev=False``
+    leaves out the ``prev`` entry (and its image reads) for phases without temporal terms.
+    """
+
+    def __init__(
+        self,
+        dataroot: Path | str,
+        version: str,
+        split: str,
+        image_size: tuple[int, int],
+        label_cfg: LabelConfig | None = None,
+        pseudo_labels: str | None = None,
+        scenes: Sequence[str] | None = None,
+        cache_dir: Path | str | None = None,
+        load_prev: bool = True,
+        label_workers: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.dataroot = check_dataroot(dataroot, version)
+        self.version = version
+        self.split = split
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.label_cfg = label_cfg or LabelConfig()
+        self.load_prev = load_prev
+        if pseudo_labels is not None and pseudo_labels not in PSEUDO_LABELERS:
+            raise ValueError(f"pseudo_labels must be None or one of {PSEUDO_LABELERS}")
+        self.pseudo_labels = pseudo_labels
+        self.records = index_split(self.dataroot, version, split, scenes)
+        if not self.records:
+            raise ValueError(f"split {split!r} of {self.dataroot} has no keyframes")
+        self.fingerprint = dataset_fingerprint(self.dataroot, version)
+        self.label_cache = LabelCache(
+            Path(cache_dir) if cache_dir else default_cache_dir(), self.fingerprint, self.label_cfg
+        )
+        self.label_build_s = self.label_cache.ensure(
+            [LabelJob(r.sample_token, r.location, r.global_from_ego) for r in self.records],
+            self.dataroot,
+            num_workers=label_workers,
+            progress=progress,
+        )
+        if pseudo_labels is not None:
+            self._check_pseudo_labels()
+
+    # -- bookkeeping
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def scene_names(self) -> list[str]:
+        return list(dict.fromkeys(r.scene_name for r in self.records))
+
+    @property
+    def samples_per_scene(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.records:
+            counts[r.scene_name] = counts.get(r.scene_name, 0) + 1
+        return counts
+
+    def _pseudo_path(self, image_path: Path) -> Path:
+        return pseudo_label_path(
+            self.dataroot, self.pseudo_labels, self.label_cfg.protocol, image_path
+        )
+
+    def _check_pseudo_labels(self) -> None:
+        wanted = [self._pseudo_path(p) for r in self.records for p in r.image_paths]
+        missing = [p for p in wanted if not p.is_file()]
+        if missing:
+            raise MissingPseudoLabelsError(
+                missing,
+                len(wanted),
+                pseudo_label_command(
+                    self.dataroot, self.version, self.pseudo_labels, self.label_cfg.protocol
+                ),
+            )
+
+    # -- items
+
+    def _cameras(self, rec: SampleRecord) -> dict[str, torch.Tensor]:
+        height, width = self.image_size
+        images = np.empty((len(rec.image_paths), 3, height, width), np.float32)
+        for i, (path, size) in enumerate(zip(rec.image_paths, rec.image_sizes, strict=True)):
+            load_camera_image(path, self.image_size, size, out=images[i])
+        intrinsics = np.stack(
+            [
+                scale_intrinsics(k, width / w0, height / h0)
+                for k, (h0, w0) in zip(rec.intrinsics, rec.image_sizes, strict=True)
+            ]
+        )
+        out = {
+            "images": torch.from_numpy(images),
+            "intrinsics": torch.from_numpy(intrinsics.astype(np.float32)),
+            "ego_from_cam": torch.from_numpy(rec.ego_from_cam.astype(np.float32)),
+        }
+        if self.pseudo_labels is not None:
+            out["pseudo_labels"] = torch.from_numpy(
+                np.stack([self._load_pseudo_label(p) for p in rec.image_paths]).astype(np.int64)
+            )
+        return out
+
+    def _load_pseudo_label(self, image_path: Path) -> np.ndarray:
+        path = self._pseudo_path(image_path)
+        if not path.is_file():
+            raise MissingPseudoLabelsError(
+                [path],
+                1,
+                pseudo_label_command(
+                    self.dataroot, self.version, self.pseudo_labels, self.label_cfg.protocol
+                ),
+            )
+        label = read_image(path, cv2.IMREAD_UNCHANGED)
+        height, width = self.image_size
+        if label.shape != (height, width):
+            label = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
+        return label
+
+    def _bev_label(self, rec: SampleRecord) -> torch.Tensor:
+        label = self.label_cache.load(rec.sample_token)
+        if self.label_cfg.multilabel:
+            return torch.from_numpy(label.astype(np.float32))
+        return torch.from_numpy(label.astype(np.int64))
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        sample = self._cameras(rec)
+        sample["global_from_ego"] = torch.from_numpy(rec.global_from_ego.copy())
+        has_prev = rec.prev_index >= 0
+        if has_prev:
+            prev_rec = self.records[rec.prev_index]
+            prev_ego_from_ego = invert_transform(prev_rec.global_from_ego) @ rec.global_from_ego
+        else:
+            prev_ego_from_ego = np.eye(4)
+        sample["prev_ego_from_ego"] = torch.from_numpy(prev_ego_from_ego.astype(np.float32))
+        sample["has_prev"] = torch.tensor(has_prev)
+        if self.load_prev:
+            # Without a previous keyframe the current one stands in (the loss masks it out).
+            sample["prev"] = (
+                self._cameras(prev_rec) if has_prev else dict(self._cameras_view(sample))
+            )
+        sample["bev_label"] = self._bev_label(rec)
+        sample["sample_token"] = rec.sample_token
+        sample["scene_name"] = rec.scene_name
+        return sample
+
+    @staticmethod
+    def _cameras_view(sample: dict) -> dict:
+        keys = ("images", "intrinsics", "ego_from_cam", "pseudo_labels")
+        return {k: sample[k] for k in keys if k in sample}
+
+
+# --- batching ------------------------------------------------------------------------------
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples into a batch: tensors gain a leading batch dim, strings become lists."""
+    return default_collate(samples)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; numpy and random follow it.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    cv2.setNumThreads(1)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader with seeded shuffling and workers, pinned memory when CUDA is available."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def default_num_workers() -> int:
+    """A sensible worker count: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus))

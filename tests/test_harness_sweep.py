@@ -1,0 +1,470 @@
+"""Real sweeps: `python -m harness.sweep` on generated synthetic data, the real training core,
+Ray Tune, and a real SQLite MLflow store, checked through MLflow's own API.
+
+The default tier runs one small sweep (4 trials, 1 shared pretraining) and checks it from many
+sides. The slow tier kills a sweep with SIGKILL and resumes it, and runs a sweep on a two-node
+Ray cluster started with `ray start`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import SMALL_SYNTHETIC
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["background", "divider", "ped_crossing", "boundary"]
+SWEEP_TIMEOUT_S = 600
+
+
+@dataclass
+class Sweep:
+    spec_path: Path
+    storage: Path
+    tracking_uri: str
+    experiment: str
+    proc: subprocess.CompletedProcess | None = None
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def runs(self, role: str):
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow.search_runs(
+            experiment_names=[self.experiment],
+            filter_string=f"tags.`bev.role` = '{role}'",
+            output_format="list",
+        )
+
+    def history(self, run_id: str, key: str) -> list:
+        return sorted(self.client().get_metric_history(run_id, key), key=lambda m: m.timestamp)
+
+
+def write_study(folder: Path, name: str, **sections) -> Sweep:
+    storage = folder / "study"
+    spec = {
+        "study": name,
+        "storage_path": str(storage),
+        "data": {"source": "synthetic", "synthetic": _generator_args()},
+        "model": {"preset": "nano"},
+        "training": {"pretrain_epochs": 1, "finetune_epochs": 2, "batch_size": 2},
+        "search": {"label_fraction": [0.5, 1.0]},
+        "methods": ["supervised", "pretrained"],
+        "seeds": [0],
+        "resources": {"cpu": 1},
+        "retries": 0,
+        "mlflow": {"system_metrics_interval_s": 1},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return Sweep(path, storage, f"sqlite:///{storage}/mlflow.db", name)
+
+
+def _generator_args() -> dict:
+    args = dict(SMALL_SYNTHETIC)
+    args["image_size"] = list(args["image_size"])
+    return args
+
+
+def sweep_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_sweep(sweep: Sweep, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.sweep", str(sweep.spec_path), *args],
+        cwd=sweep.spec_path.parent,
+        env=env or sweep_env(),
+        capture_output=True,
+        text=True,
+        timeout=SWEEP_TIMEOUT_S,
+    )
+    sweep.proc = proc
+    return proc
+
+
+def assert_ok(proc: subprocess.CompletedProcess, code: int = 0) -> None:
+    assert proc.returncode == code, (
+        f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    )
+
+
+# --- one small sweep, checked from every side ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory) -> Sweep:
+    sweep = write_study(tmp_path_factory.mktemp("sweep"), "small", max_concurrent=2)
+    assert_ok(run_sweep(sweep))
+    return sweep
+
+
+def test_sweep_logs_one_finished_run_per_trial_with_the_documented_params(small_sweep):
+    trials = small_sweep.runs("trial")
+    assert len(trials) == 4
+    assert {r.info.status for r in trials} == {"FINISHED"}
+    assert len({r.data.tags["bev.trial_id"] for r in trials}) == 4
+    cells = {(r.data.params["method"], float(r.data.params["label_fraction"])) for r in trials}
+    assert cells == {(m, f) for m in ("supervised", "pretrained") for f in (0.5, 1.0)}
+    for run in trials:
+        params, tags = run.data.params, run.data.tags
+        for name in ("labelled_samples", "pretrain_epochs", "finetune_epochs", "w_reproj",
+                     "w_temporal", "w_bev", "seed", "preset"):  # fmt: skip
+            assert name in params, name
+        assert params["preset"] == "nano" and params["finetune_epochs"] == "2"
+        assert tags["bev.method"] == params["method"] and tags["bev.seed"] == "0"
+        assert float(tags["bev.label_fraction"]) == float(params["label_fraction"])
+        assert int(params["labelled_samples"]) > 0
+
+
+def test_every_trial_logs_losses_val_metrics_and_clocks_per_epoch(small_sweep):
+    for run in small_sweep.runs("trial"):
+        keys = set(run.data.metrics)
+        assert {"val/mIoU", "time/cum_wall_s", "time/cum_gpu_s", "labelled_samples"} <= keys
+        assert {f"val/IoU_{c}" for c in CLASSES[1:]} <= keys
+        assert any(k.startswith("train/loss") for k in keys)
+        for key in ("val/mIoU", "time/cum_wall_s", "time/cum_wall_s_amortised"):
+            assert [m.step for m in small_sweep.history(run.info.run_id, key)] == [1, 2], key
+        wall = [m.value for m in small_sweep.history(run.info.run_id, "time/cum_wall_s")]
+        assert 0 < wall[0] < wall[1]
+
+
+def test_pretraining_runs_once_for_the_trials_that_share_it(small_sweep):
+    (pretrain,) = small_sweep.runs("pretrain")
+    assert pretrain.info.status == "FINISHED"
+    pretrained = [r for r in small_sweep.runs("trial") if r.data.params["method"] == "pretrained"]
+    assert len(pretrained) == 2
+    assert {r.data.tags["bev.pretrain_key"] for r in pretrained} == {
+        pretrain.data.tags["bev.pretrain_key"]
+    }
+    assert {r.data.tags["bev.pretrain_run_id"] for r in pretrained} == {pretrain.info.run_id}
+    entries = [p for p in (small_sweep.storage / "pretrain").iterdir() if p.is_dir()]
+    assert [p.name for p in entries] == [pretrain.data.tags["bev.pretrain_key"]]
+    assert not list((small_sweep.storage / "pretrain").glob("*.partial"))
+    assert pretrain.data.metrics["time/cum_wall_s"] > 0
+    assert [m.step for m in small_sweep.history(pretrain.info.run_id, "time/cum_wall_s")] == [1]
+
+
+def test_pretrained_trials_add_the_whole_and_the_shared_pretraining_time(small_sweep):
+    (pretrain,) = small_sweep.runs("pretrain")
+    pre_wall = pretrain.data.metrics["time/cum_wall_s"]
+    for run in small_sweep.runs("trial"):
+        m = run.data.metrics
+        if run.data.params["method"] == "pretrained":
+            assert m["time/cum_wall_s_incl_pretrain"] == pytest.approx(
+                m["time/cum_wall_s"] + pre_wall
+            )
+            assert m["time/cum_wall_s_amortised"] == pytest.approx(
+                m["time/cum_wall_s"] + pre_wall / 2
+            )
+        else:
+            assert m["time/cum_wall_s_incl_pretrain"] == pytest.approx(m["time/cum_wall_s"])
+
+
+def test_trials_and_pretraining_are_children_of_one_sweep_run_with_provenance(small_sweep):
+    (sweep,) = small_sweep.runs("sweep")
+    assert sweep.info.status == "FINISHED"
+    tags = sweep.data.tags
+    for name in ("bev.git_commit", "bev.dataset_fingerprint", "bev.config_hash"):
+        assert tags[name], name
+    assert tags["bev.study"] == "small"
+    assert sweep.data.params["search.label_fraction"] == "[0.5, 1.0]"
+    assert sweep.data.metrics["sweep/trials_total"] == 4
+    assert sweep.data.metrics["sweep/trials_failed"] == 0
+    assert 0 <= sweep.data.metrics["sweep/overhead_share"] < 1
+    children = small_sweep.runs("trial") + small_sweep.runs("pretrain")
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {sweep.info.run_id}
+    artifacts = {a.path for a in small_sweep.client().list_artifacts(sweep.info.run_id)}
+    assert {"spec.yaml", "resolved_spec.json", "environment.json"} <= artifacts
+    env = json.loads(
+        Path(
+            small_sweep.client().download_artifacts(sweep.info.run_id, "environment.json")
+        ).read_text()
+    )
+    assert env["packages"]["ray"] and env["packages"]["mlflow"]
+
+
+def test_trials_log_a_per_class_iou_table_and_their_config(small_sweep):
+    client = small_sweep.client()
+    for run in small_sweep.runs("trial"):
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"per_class_iou.csv", "trial_config.json"} <= artifacts
+        table = Path(client.download_artifacts(run.info.run_id, "per_class_iou.csv")).read_text()
+        rows = dict(line.split(",") for line in table.strip().splitlines()[1:])
+        assert set(CLASSES[1:]) <= set(rows)
+        assert float(rows["mIoU"]) == pytest.approx(run.data.metrics["val/mIoU"], abs=1e-6)
+
+
+def test_trials_log_mlflow_system_metrics(small_sweep):
+    logged = set()
+    for run in small_sweep.runs("trial"):
+        logged |= {k for k in run.data.metrics if k.startswith("system/")}
+    assert "system/cpu_utilization_percentage" in logged
+
+
+def test_synthetic_data_is_generated_once_into_the_study_folder(small_sweep):
+    roots = list((small_sweep.storage / "data").glob("synthetic-*/dataroot"))
+    assert len(roots) == 1
+    assert (roots[0] / "v1.0-mini" / "scene.json").is_file()
+
+
+def test_no_run_is_left_running(small_sweep):
+    with sqlite3.connect(small_sweep.storage / "mlflow.db") as db:
+        statuses = {row[0] for row in db.execute("SELECT status FROM runs")}
+    assert statuses == {"FINISHED"}
+
+
+def test_analysis_reads_the_sweep_back(small_sweep):
+    from analysis.load import load_study
+
+    study = load_study("small", tracking_uri=small_sweep.tracking_uri, progress=False)
+    assert len(study.trials) == 4
+    assert set(study.trials["method"].astype(str)) == {"supervised", "pretrained"}
+
+
+# --- kill and resume -----------------------------------------------------------------------------
+
+
+def _trial_rows(db_path: Path) -> list[tuple]:
+    """(run_uuid, status, epochs logged) of every trial run, read straight from SQLite."""
+    if not db_path.exists():
+        return []
+    try:
+        with sqlite3.connect(db_path, timeout=1) as db:
+            return db.execute(
+                """SELECT r.run_uuid, r.status,
+                          (SELECT COUNT(*) FROM metrics m
+                           WHERE m.run_uuid = r.run_uuid AND m.key = 'val/mIoU')
+                   FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid
+                   WHERE t.key = 'bev.role' AND t.value = 'trial'"""
+            ).fetchall()
+    except sqlite3.Error:
+        return []
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_with_sigkill_resumes_without_rerunning_finished_trials(tmp_path):
+    sweep = write_study(
+        tmp_path,
+        "resumable",
+        training={"pretrain_epochs": 1, "finetune_epochs": 3, "batch_size": 2},
+        max_concurrent=1,
+        mlflow={"system_metrics": False},
+    )
+    db = sweep.storage / "mlflow.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.sweep", str(sweep.spec_path)],
+        cwd=tmp_path,
+        env=sweep_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + SWEEP_TIMEOUT_S
+        # Kill once one trial has finished and the next has checkpointed an epoch.
+        while True:
+            rows = _trial_rows(db)
+            finished = [r for r in rows if r[1] == "FINISHED"]
+            started = [r for r in rows if r[1] == "RUNNING" and r[2] >= 1]
+            if finished and started:
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() < deadline, "no progress to interrupt"
+            time.sleep(0.5)
+        time.sleep(1.0)  # let Tune persist the checkpoint reported with that epoch
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        _kill_group(proc)
+    before = {r[0]: r for r in _trial_rows(db)}
+    done_before = {run_id for run_id, row in before.items() if row[1] == "FINISHED"}
+    assert done_before
+    resumed_at_ms = time.time() * 1000
+
+    assert_ok(run_sweep(sweep, "--resume"))
+
+    trials = sweep.runs("trial")
+    assert len(trials) == 4
+    assert len({r.data.tags["bev.trial_id"] for r in trials}) == 4
+    assert {r.info.status for r in trials} == {"FINISHED"}
+    for run in trials:
+        steps = [m.step for m in sweep.history(run.info.run_id, "val/mIoU")]
+        assert sorted(set(steps)) == [1, 2, 3]
+        after_resume = [
+            m.step
+            for m in sweep.history(run.info.run_id, "val/mIoU")
+            if m.timestamp >= resumed_at_ms
+        ]
+        if run.info.run_id in done_before:
+            assert after_resume == [], "a finished trial ran again"
+        elif before.get(run.info.run_id, (None, None, 0))[2] >= 1:
+            assert after_resume and min(after_resume) > 1, "did not resume from its checkpoint"
+    (sweep_run,) = sweep.runs("sweep")
+    assert sweep_run.info.status == "FINISHED"
+    assert len(sweep.runs("pretrain")) == 1
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill what is left of a process group this test started (Ray's helpers of a killed driver)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# --- failures ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_retried_then_recorded_failed_while_the_others_finish(tmp_path):
+    from harness.spec import expand_trials, load_spec
+    from harness.trial import SweepContext, pretrain_key
+    from model.data.dataset import dataset_fingerprint
+    from model.data.synthetic import generate_dataset
+
+    dataroot = tmp_path / "dataroot"
+    generate_dataset(dataroot, progress=False, **SMALL_SYNTHETIC)
+    sweep = write_study(
+        tmp_path,
+        "faulty",
+        data={"source": "synthetic", "dataroot": str(dataroot)},
+        search={"label_fraction": [1.0]},
+        retries=1,
+        max_concurrent=1,
+        mlflow={"system_metrics": False},
+    )
+    # A corrupt entry in the pretraining cache: the pretrained trial fails to load it.
+    spec = load_spec(sweep.spec_path)
+    (pretrained,) = [t for t in expand_trials(spec) if t.method == "pretrained"]
+    context = SweepContext(
+        study="faulty", tracking_uri="", experiment="faulty", sweep_run_id="", storage_dir="",
+        dataroot=str(dataroot), version="v1.0-mini",
+        dataset_fingerprint=dataset_fingerprint(dataroot, "v1.0-mini"), spec={},
+    )  # fmt: skip
+    entry = sweep.storage / "pretrain" / pretrain_key(pretrained, spec, context)
+    entry.mkdir(parents=True)
+    (entry / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (entry / "entry.json").write_text(
+        json.dumps({"checkpoint": "checkpoint.pt", "wall_s": 1.0, "gpu_s": 0.0, "run_id": "x"})
+    )
+
+    assert_ok(run_sweep(sweep), code=1)
+
+    by_method = {r.data.params["method"]: r for r in sweep.runs("trial")}
+    assert len(sweep.runs("trial")) == 2
+    assert by_method["supervised"].info.status == "FINISHED"
+    failed = by_method["pretrained"]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["bev.error"]
+    assert failed.data.tags["bev.retries"] == "1"
+    (sweep_run,) = sweep.runs("sweep")
+    assert sweep_run.data.metrics["sweep/trials_failed"] == 1
+    assert sweep_run.info.status == "FAILED"
+
+
+# --- a real two-node Ray cluster -----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster():
+    """A head and a second worker node started with `ray start`, one CPU each; stopped by killing
+    the process groups of the two `ray start --block` commands (never a machine-wide `ray stop`,
+    which would also stop other users' clusters)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="bvr-"))  # Ray's socket paths must stay short
+    port = _free_port()
+    # Token auth on for every process of this cluster: a head that finds ~/.ray/auth_token turns
+    # it on by itself, and then a node or driver without the token cannot join.
+    env = sweep_env(RAY_AUTH_MODE="token")
+    common = ["--block", "--node-ip-address=127.0.0.1", "--num-gpus=0", "--disable-usage-stats"]
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts", "start"]
+    procs = []
+
+    def start(args: list[str], log_name: str) -> subprocess.Popen:
+        log = (temp_dir / log_name).open("w")
+        proc = subprocess.Popen(
+            ray_cli + args + common, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    try:
+        start(["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--num-cpus=1",
+               "--include-dashboard=false"], "head.log")  # fmt: skip
+        _wait_for(lambda: list(temp_dir.glob("session_*/logs/raylet.out")), temp_dir / "head.log")
+        start([f"--address=127.0.0.1:{port}", "--num-cpus=1"], "worker.log")
+        _wait_for(lambda: len(list(temp_dir.glob("session_*/logs/raylet*.out"))) >= 2,
+                  temp_dir / "worker.log")  # fmt: skip
+        yield f"127.0.0.1:{port}", env
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        for proc in procs:
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for(condition, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"ray start did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_on_an_existing_two_node_cluster_given_by_address(tmp_path, ray_cluster):
+    address, env = ray_cluster
+    sweep = write_study(
+        tmp_path,
+        "clustered",
+        search={"label_fraction": [1.0]},
+        training={"pretrain_epochs": 1, "finetune_epochs": 1, "batch_size": 2},
+        mlflow={"system_metrics": False},
+    )
+
+    assert_ok(run_sweep(sweep, "--address", address, env=env))
+
+    trials = sweep.runs("trial")
+    assert len(trials) == 2 and {r.info.status for r in trials} == {"FINISHED"}
+    # One CPU per node and per trial: the two trials ran at once, one on each node.
+    assert len({r.data.tags["bev.ray_node_id"] for r in trials}) == 2
+    (sweep_run,) = sweep.runs("sweep")
+    assert sweep_run.data.tags["bev.ray_address"] == address

@@ -1,0 +1,264 @@
+"""Training loops on synthetic nuScenes-format data: overfitting, pretrain -> finetune, resume,
+checkpoints, the NaN guard, the schedule, the ego-frame augmentation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.data.dataset import NuScenesBevDataset, make_loader, split_scenes
+from model.data.labels import LabelConfig
+from model.data.subsets import label_subset
+from model.losses import NonFiniteLossError
+from model.presets import get_preset
+from model.reprojection import reproject
+from model.train import (
+    DataConfig,
+    EpochReport,
+    TrainConfig,
+    evaluate,
+    evaluate_checkpoint,
+    finetune,
+    load_model,
+    lr_factor,
+    pretrain,
+    rotate_ego_frame,
+)
+
+# Small images keep a nano step around 0.2 s on one core.
+NANO = get_preset("nano", image_size=(48, 80))
+FAST = dict(batch_size=2, lr=2e-3, progress=False, device="cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two cores are shared by many jobs: one thread is faster than oversubscribing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_root(tmp_path_factory, name: str, scenes: int, samples_per_scene: int):
+    from model.data.synthetic import generate_dataset
+
+    out = tmp_path_factory.mktemp(name) / "dataroot"
+    generate_dataset(out, progress=False, scenes=scenes, samples_per_scene=samples_per_scene,
+                     image_size=(54, 96))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """3 scenes x 2 keyframes: train scenes 0 and 1, val scene 2."""
+    return make_root(tmp_path_factory, "tiny", 3, 2)
+
+
+@pytest.fixture(scope="module")
+def study_root(tmp_path_factory):
+    """12 scenes x 3 keyframes: every road kind is in train and val (every third scene is
+    val), which a val split has to be for generalisation to be measurable at all."""
+    return make_root(tmp_path_factory, "study", 12, 3)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bev_label_cache")
+
+
+def data_config(root, cache_dir, **kw) -> DataConfig:
+    return DataConfig(dataroot=str(root), cache_dir=str(cache_dir), **kw)
+
+
+@pytest.fixture(scope="module")
+def pretrained(study_root, cache_dir, tmp_path_factory):
+    """Two epochs of pretraining on the study dataroot: (checkpoint, epoch reports)."""
+    reports: list[EpochReport] = []
+    train = TrainConfig(pretrain_epochs=2, **FAST)
+    out = tmp_path_factory.mktemp("pretrain")
+    checkpoint = pretrain(data_config(study_root, cache_dir), NANO, train, out, reports.append)
+    return checkpoint, reports
+
+
+def bev_dataset(root, cache_dir, split: str, scenes=None) -> NuScenesBevDataset:
+    grid = data_config(root, cache_dir).label_grid(NANO)
+    return NuScenesBevDataset(root, "v1.0-mini", split, NANO.image_size,
+                              LabelConfig("hdmapnet", grid), scenes=scenes,
+                              cache_dir=cache_dir, progress=False)  # fmt: skip
+
+
+def chance_miou(dataset, num_classes: int = 4) -> float:
+    """Foreground mIoU expected of a uniformly random prediction on these labels: per class
+    of frequency f, intersection f / K and union f + 1 / K - f / K."""
+    counts = torch.zeros(num_classes)
+    for i in range(len(dataset)):
+        counts += torch.bincount(dataset[i]["bev_label"].flatten(), minlength=num_classes)
+    freq = counts / counts.sum()
+    k = num_classes
+    return float(np.mean([(f / k) / (f + 1 / k - f / k) for f in freq[1:].tolist()]))
+
+
+# --- learning ------------------------------------------------------------------------------------
+
+
+def test_nano_overfits_a_few_synthetic_samples(tiny_root, cache_dir, tmp_path):
+    # Plain cross-entropy: class weights trade train-set precision for recall on unseen scenes.
+    train = TrainConfig(finetune_epochs=72, val_every=0, warmup_iters=5, bev_class_weights=None,
+                        **{**FAST, "lr": 3e-3})  # fmt: skip
+    data = data_config(tiny_root, cache_dir)
+    result = finetune(data, NANO, train, tmp_path, label_fraction=0.5, subset_seed=0)
+    assert result.labelled_samples == 2  # one scene of two keyframes: one step per epoch
+    first, last = result.history[0].losses["loss"], result.history[-1].losses["loss"]
+    assert first / last > 5.0
+
+    labelled = bev_dataset(tiny_root, cache_dir, "train", scenes=result.labelled_scenes)
+    net = load_model(result.checkpoint)
+    metrics = evaluate(net, make_loader(labelled, 2, shuffle=False), "hdmapnet", "cpu")
+    assert metrics["mIoU"] > 0.8
+
+
+def test_pretraining_learns_from_pseudo_labels_alone(pretrained):
+    checkpoint, reports = pretrained
+    assert [(r.phase, r.epoch) for r in reports] == [("pretrain", 1), ("pretrain", 2)]
+    assert set(reports[0].losses) == {"loss", "loss_reproj", "loss_temporal"}  # no BEV term
+    assert reports[1].losses["loss_reproj"] < 0.8 * reports[0].losses["loss_reproj"]
+    assert all(r.labelled_samples == 0 for r in reports)
+    assert "mIoU" in reports[-1].val  # the pretrained head alone, on val
+    assert reports[-1].checkpoint == str(checkpoint)
+
+
+def test_pretrain_then_finetune_beats_chance_on_val(study_root, cache_dir, pretrained, tmp_path):
+    checkpoint, _ = pretrained
+    data = data_config(study_root, cache_dir)
+    train = TrainConfig(finetune_epochs=6, val_every=0, **FAST)
+    result = finetune(data, NANO, train, tmp_path, 1.0, 0, init_checkpoint=checkpoint)
+    assert set(result.history[-1].losses) == {"loss", "loss_bev"}
+    assert set(result.val) >= {"mIoU", "IoU/divider", "IoU/ped_crossing", "IoU/boundary"}
+    chance = chance_miou(bev_dataset(study_root, cache_dir, "val"))
+    assert result.val["mIoU"] > chance
+
+
+def test_the_pretrained_head_is_evaluated_without_finetuning(
+    study_root, cache_dir, pretrained, tmp_path
+):
+    checkpoint, _ = pretrained
+    data = data_config(study_root, cache_dir, max_val_samples=4)
+    train = TrainConfig(finetune_epochs=0, **FAST)
+    direct = evaluate_checkpoint(data, checkpoint, train)
+    via_finetune = finetune(data, NANO, train, tmp_path, 1.0, 0, checkpoint)
+    assert via_finetune.epochs == 0 and via_finetune.val == direct
+    assert 0.0 <= direct["mIoU"] <= 1.0
+
+
+# --- bookkeeping ---------------------------------------------------------------------------------
+
+
+def test_epoch_reports_carry_clocks_labelled_samples_and_a_loadable_checkpoint(
+    study_root, cache_dir, tmp_path
+):
+    data = data_config(study_root, cache_dir, max_val_samples=2)
+    reports: list[EpochReport] = []
+    train = TrainConfig(finetune_epochs=2, **FAST)
+    result = finetune(data, NANO, train, tmp_path, 0.25, 3, on_epoch=reports.append)
+
+    subset = label_subset(split_scenes(study_root, "v1.0-mini", "train"), 0.25, 3)
+    assert result.labelled_scenes == subset.scenes
+    assert [r.labelled_samples for r in reports] == [3 * len(subset.scenes)] * 2
+    assert [r.epoch for r in reports] == [1, 2] and all("mIoU" in r.val for r in reports)
+    assert 0 < reports[0].cum_wall_s < reports[1].cum_wall_s
+    assert [r.cum_gpu_s for r in reports] == [0.0, 0.0]  # CPU: no GPU time
+    state = load_checkpoint(reports[-1].checkpoint)  # weights_only=True
+    assert (state["phase"], state["epoch"]) == ("finetune", 2)
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
+
+
+class Killed(Exception):
+    """Stands in for the process dying right after an epoch's checkpoint was written."""
+
+
+def kill_after(epoch: int):
+    def on_epoch(report: EpochReport) -> None:
+        if report.epoch >= epoch:
+            raise Killed
+
+    return on_epoch
+
+
+def test_a_resumed_pretraining_matches_an_uninterrupted_one(tiny_root, cache_dir, tmp_path):
+    data = data_config(tiny_root, cache_dir)
+    train = TrainConfig(pretrain_epochs=2, pretrain_val=False, **FAST)
+    straight: list[EpochReport] = []
+    pretrain(data, NANO, train, tmp_path / "straight", on_epoch=straight.append)
+
+    with pytest.raises(Killed):
+        pretrain(data, NANO, train, tmp_path / "resumed", on_epoch=kill_after(1))
+    resumed: list[EpochReport] = []
+    pretrain(data, NANO, train, tmp_path / "resumed", on_epoch=resumed.append)
+
+    assert [r.epoch for r in resumed] == [2]
+    assert resumed[0].losses == straight[1].losses
+    a = load_checkpoint(tmp_path / "straight" / "pretrain.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "pretrain.pt")["model"]
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    again: list[EpochReport] = []
+    pretrain(data, NANO, train, tmp_path / "resumed", on_epoch=again.append)
+    assert again == []  # a finished pretraining is not redone
+
+
+def test_a_checkpoint_of_another_label_subset_is_not_resumed(tiny_root, cache_dir, tmp_path):
+    data = data_config(tiny_root, cache_dir, max_val_samples=1)
+    train = TrainConfig(finetune_epochs=1, **FAST)
+    finetune(data, NANO, train, tmp_path, 0.5, subset_seed=0)
+    scenes = split_scenes(tiny_root, "v1.0-mini", "train")
+    first = label_subset(scenes, 0.5, 0).scenes
+    other_seed = next(s for s in range(1, 20) if label_subset(scenes, 0.5, s).scenes != first)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        finetune(data, NANO, train, tmp_path, 0.5, subset_seed=other_seed)
+
+
+def test_checkpoints_refuse_objects_that_need_unpickling(tmp_path):
+    with pytest.raises(TypeError, match="plain values"):
+        save_checkpoint(tmp_path / "x.pt", {"model": {}, "grid": NANO})
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_diverging_run_stops_with_an_error_naming_the_loss_term(tiny_root, cache_dir, tmp_path):
+    data = data_config(tiny_root, cache_dir)
+    train = TrainConfig(finetune_epochs=2, **{**FAST, "lr": 1e30})
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss term .*bev=.* at finetune"):
+        finetune(data, NANO, train, tmp_path, 1.0, 0)
+
+
+def test_schedule_warms_up_linearly_then_anneals_to_the_minimum():
+    cfg = TrainConfig(warmup_iters=500, warmup_max_fraction=0.1)
+    total = 1000  # the warmup is capped at 100 iterations
+    assert math.isclose(lr_factor(0, total, cfg), 1.0 / 3.0)
+    assert lr_factor(50, total, cfg) < lr_factor(99, total, cfg) < lr_factor(100, total, cfg)
+    assert math.isclose(lr_factor(100, total, cfg), 0.5 * (1 + math.cos(math.pi * 0.1)),
+                        rel_tol=1e-2)  # fmt: skip
+    assert math.isclose(lr_factor(total, total, cfg), cfg.min_lr_ratio)
+    factors = np.array([lr_factor(s, total, cfg) for s in range(100, total)])
+    assert (np.diff(factors) <= 0).all()
+
+
+def test_rotating_the_ego_frame_moves_cameras_and_labels_together(tiny_root, cache_dir):
+    dataset = bev_dataset(tiny_root, cache_dir, "train")
+    batch = next(iter(make_loader(dataset, 2, shuffle=False)))
+    grid = data_config(tiny_root, cache_dir).label_grid(NANO)
+    turned = rotate_ego_frame(batch, grid, 180.0, yaw_rad=torch.tensor([math.pi, math.pi]))
+    assert torch.equal(turned["bev_label"], batch["bev_label"].flip(-1).flip(-2))
+
+    # What each camera sees of the labels is unchanged by the turn.
+    def seen(b):
+        logits = torch.nn.functional.one_hot(b["bev_label"], 4).permute(0, 3, 1, 2).float()
+        rep = reproject(logits, b["intrinsics"], b["ego_from_cam"], NANO.image_size, grid, 4)
+        return rep.logits.argmax(2), rep.valid
+
+    (before, valid_before), (after, valid_after) = seen(batch), seen(turned)
+    both = valid_before & valid_after
+    assert both.float().mean() > 0.1
+    assert (before[both] == after[both]).float().mean() > 0.98
