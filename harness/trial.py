@@ -32,7 +32,7 @@ from harness.tracking import (
 log = logging.getLogger(__name__)
 
 # Bump when the meaning of a cached pretraining changes without its config changing.
-PRETRAIN_CACHE_VERSION = 1
+PRETRAIN_CACHE_VERSION = 2  # 2: reprojection class weights default to "auto"
 
 
 @dataclass(frozen=True)
