@@ -561,7 +561,8 @@ class SweepOutcome:
 
     planned: int = 0  # trials the spec asks for (grid points or Optuna samples)
     statuses: dict[str, str] = field(default_factory=dict)  # Ray trial id -> Tune status
-    core_wall_s: float = 0.0  # the core's own clocks, summed over trials and pretrainings
+    core_wall_s: float = 0.0  # the core's training clocks, summed over trials and pretrainings
+    val_wall_s: float = 0.0  # their validation passes, summed the same way
 
     @property
     def finished(self) -> int:
@@ -582,11 +583,14 @@ class SweepOutcome:
 
         analysis = ExperimentAnalysis(str(ray_path))
         statuses = {t.trial_id: str(t.status) for t in analysis.trials}
-        core = 0.0
+        core = val = 0.0
         for run in tracker.find({PARENT: sweep_run_id}):
             if run.data.tags.get(ROLE) in ("trial", "pretrain"):
                 core += run.data.metrics.get("time/cum_wall_s", 0.0)
-        return cls(planned, statuses, core)
+                history = tracker.client.get_metric_history(run.info.run_id, "time/val_wall_s")
+                # One value per epoch; a resumed epoch logs its step again: count it once.
+                val += sum({m.step: m.value for m in history}.values())
+        return cls(planned, statuses, core, val)
 
     def metrics(self, wall_s: float, slots: int) -> dict[str, float]:
         values = {
@@ -596,11 +600,17 @@ class SweepOutcome:
             "sweep/wall_s": wall_s,
         }
         if self.core_wall_s:
+            held = wall_s * slots
             values["sweep/core_wall_s"] = self.core_wall_s
+            values["sweep/val_wall_s"] = self.val_wall_s
             values["sweep/slots"] = slots
+            values["sweep/train_share"] = min(1.0, self.core_wall_s / held)
+            values["sweep/val_share"] = min(1.0, self.val_wall_s / held)
             # Share of the slot-seconds the sweep held that went to anything but the core's
-            # training and evaluation loops: startup, data, caches, MLflow, Ray, idle slots.
-            values["sweep/overhead_share"] = max(0.0, 1.0 - self.core_wall_s / (wall_s * slots))
+            # training and validation loops: startup, data, caches, MLflow, Ray, idle slots.
+            values["sweep/overhead_share"] = max(
+                0.0, 1.0 - (self.core_wall_s + self.val_wall_s) / held
+            )
         return values
 
 

@@ -396,6 +396,7 @@ def epoch_metrics(report, pre: Pretraining | None, shares: int) -> dict[str, flo
             "time/cum_wall_s_amortised": wall + pre_wall / max(1, shares),
             "time/cum_gpu_s_amortised": gpu + pre_gpu / max(1, shares),
             "labelled_samples": report.labelled_samples,
+            "time/val_wall_s": float(report.val_wall_s),  # this epoch's validation
         }
     )
     return metrics
@@ -411,6 +412,7 @@ def pretrain_metrics(report) -> dict[str, float]:
         )
     metrics["time/cum_wall_s"] = float(report.cum_wall_s)
     metrics["time/cum_gpu_s"] = float(report.cum_gpu_s)
+    metrics["time/val_wall_s"] = float(report.val_wall_s)
     return metrics
 
 

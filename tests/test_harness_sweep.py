@@ -195,7 +195,9 @@ def test_trials_and_pretraining_are_children_of_one_sweep_run_with_provenance(sm
     assert sweep.data.params["search.label_fraction"] == "[0.5, 1.0]"
     assert sweep.data.metrics["sweep/trials_total"] == 4
     assert sweep.data.metrics["sweep/trials_failed"] == 0
-    assert 0 <= sweep.data.metrics["sweep/overhead_share"] < 1
+    shares = [sweep.data.metrics[f"sweep/{k}_share"] for k in ("train", "val", "overhead")]
+    assert all(0 <= x < 1 for x in shares) and sum(shares) == pytest.approx(1.0)
+    assert sweep.data.metrics["sweep/val_wall_s"] > 0  # every fine-tuning epoch validates
     children = small_sweep.runs("trial") + small_sweep.runs("pretrain")
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {sweep.info.run_id}
     artifacts = {a.path for a in small_sweep.client().list_artifacts(sweep.info.run_id)}
