@@ -302,30 +302,19 @@ def core_configs(spec: Spec, context: SweepContext, trial: TrialSpec):
 
 
 def trial_params(trial: TrialSpec, spec: Spec, context: SweepContext) -> dict:
-    t, d = spec.training, spec.data
+    """The trial run's params: what its pretraining depends on, plus the rest of the trial."""
     return {
+        **pretrain_params(trial, spec),
         "method": trial.method,
         "label_fraction": trial.label_fraction,
-        "pretrain_epochs": trial.pretrain_epochs,
         "finetune_epochs": trial.finetune_epochs,
         "w_bev": trial.w_bev,
-        "w_reproj": trial.w_reproj,
-        "w_temporal": trial.w_temporal,
-        "seed": trial.seed,
-        "preset": spec.model.preset,
-        "model_overrides": json.dumps(spec.model.overrides, sort_keys=True),
-        "batch_size": t.batch_size,
-        "lr": t.lr,
-        "weight_decay": t.weight_decay,
-        "data_source": d.source,
+        "data_source": spec.data.source,
         "data_version": context.version,
-        "protocol": d.protocol,
-        "pseudo_labels": d.resolved_pseudo_labels,
         "dataset_fingerprint": context.dataset_fingerprint,
         "trial_id": trial_key(trial),
         "cpu": spec.resources.cpu,
         "gpu": spec.resources.gpu,
-        "training_options": json.dumps(t.options, sort_keys=True),
     }
 
 
