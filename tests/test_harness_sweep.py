@@ -2,8 +2,8 @@
 Ray Tune, and a real SQLite MLflow store, checked through MLflow's own API.
 
 The default tier runs one small sweep (4 trials, 1 shared pretraining) and checks it from many
-sides. The slow tier kills a sweep with SIGKILL and resumes it, and runs a sweep on a two-node
-Ray cluster started with `ray start`.
+sides. The slow tier kills a sweep with SIGKILL and resumes it, runs a sweep on a two-node
+Ray cluster started with `ray start`, and runs an Optuna search with ASHA.
 """
 
 from __future__ import annotations
@@ -329,6 +329,49 @@ def test_a_sweep_killed_with_sigkill_resumes_without_rerunning_finished_trials(t
     (sweep_run,) = sweep.runs("sweep")
     assert sweep_run.info.status == "FINISHED"
     assert len(sweep.runs("pretrain")) == 1
+
+
+@pytest.mark.slow
+def test_an_optuna_search_with_asha_samples_weights_in_bounds_and_pretrains_per_sample(tmp_path):
+    bounds = {"w_reproj": (0.1, 10.0), "w_temporal": (0.01, 1.0)}
+    sweep = write_study(
+        tmp_path,
+        "search",
+        training={"pretrain_epochs": 1, "finetune_epochs": 3, "batch_size": 2},
+        search={
+            "label_fraction": [0.5],
+            "optuna": {
+                "num_samples": 3,
+                "seed": 0,
+                "params": {
+                    name: {"type": "loguniform", "low": low, "high": high}
+                    for name, (low, high) in bounds.items()
+                },
+            },
+        },
+        methods=["pretrained"],
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        mlflow={"system_metrics": False},
+    )
+    assert_ok(run_sweep(sweep))
+
+    trials = sweep.runs("trial")
+    assert len(trials) == 3 and {r.info.status for r in trials} == {"FINISHED"}
+    sampled = {(r.data.params["w_reproj"], r.data.params["w_temporal"]) for r in trials}
+    assert len(sampled) == 3  # Optuna proposed three different weight pairs
+    for run in trials:
+        for name, (low, high) in bounds.items():
+            assert low <= float(run.data.params[name]) <= high
+        steps = [m.step for m in sweep.history(run.info.run_id, "val/mIoU")]
+        assert steps and max(steps) <= 3
+        # ASHA may stop a trailing trial after its grace period; the run says so.
+        if max(steps) < 3:
+            assert run.data.tags.get("bev.stopped_early") == "true"
+    pretrainings = sweep.runs("pretrain")
+    assert len(pretrainings) == 3  # each sampled weight pair needs its own pretraining
+    assert {(p.data.params["w_reproj"], p.data.params["w_temporal"]) for p in pretrainings} == (
+        sampled
+    )
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
