@@ -374,7 +374,7 @@ def pseudo_label_class_weights(
         images = [images[i] for i in sorted(pick)]
     counts = np.zeros(n, np.int64)
     for path in images:
-        label = dataset._load_pseudo_label(path)
+        label = dataset.load_pseudo_label(path)
         counts += np.bincount(label[label != IGNORE].astype(np.int64), minlength=n)[:n]
     return _sqrt_balanced(counts, max_weight)
 
@@ -386,12 +386,13 @@ def _sqrt_balanced(counts: np.ndarray, max_weight: float) -> tuple[float, ...]:
     return tuple(float(w) for w in np.clip(weights, 1.0, max_weight))
 
 
-def _reproj_class_weights(train: TrainConfig, dataset, protocol: str):
-    """The reprojection CE weights a phase uses (resolves "auto"; None for multi-label)."""
-    weights = train.reproj_class_weights
-    if weights == "auto":
-        weights = None if is_multilabel(protocol) else pseudo_label_class_weights(dataset)
-        log.info("reprojection class weights (auto): %s", [round(w, 2) for w in weights or []])
+def _class_weights(setting, protocol: str, compute: Callable[[], tuple[float, ...]], term: str):
+    """A class-weight setting as a phase uses it: a tuple or None as given, "auto" computed
+    (None for multi-label protocols, whose BCE terms take no class weights)."""
+    if setting != "auto":
+        return setting
+    weights = None if is_multilabel(protocol) else compute()
+    log.info("%s class weights (auto): %s", term, [round(w, 2) for w in weights or []])
     return weights
 
 
@@ -763,7 +764,12 @@ def pretrain(
     load_prev = train.use_history or "temporal" in weights
     ensure_pseudo_labels(data)
     dataset = _dataset(data, model, data.train_split, data.pseudo_labels, load_prev)
-    reproj_weights = _reproj_class_weights(train, dataset, data.protocol)
+    reproj_weights = _class_weights(
+        train.reproj_class_weights,
+        data.protocol,
+        lambda: pseudo_label_class_weights(dataset),
+        "reprojection",
+    )
     meta = _meta(data, model, train, grid, num_classes)
     meta.update(reproj_class_weights=list(reproj_weights) if reproj_weights else None)
     phase = _Phase(
@@ -828,10 +834,19 @@ def finetune(
     if pseudo is not None:
         ensure_pseudo_labels(data)
     dataset = _dataset(data, model, data.train_split, pseudo, load_prev, scenes=subset.scenes)
-    class_weights = train.bev_class_weights
-    if class_weights == "auto":
-        class_weights = None if is_multilabel(data.protocol) else balanced_class_weights(dataset)
-    reproj_weights = _reproj_class_weights(train, dataset, data.protocol) if pseudo else None
+    class_weights = _class_weights(
+        train.bev_class_weights, data.protocol, lambda: balanced_class_weights(dataset), "BEV"
+    )
+    reproj_weights = (
+        _class_weights(
+            train.reproj_class_weights,
+            data.protocol,
+            lambda: pseudo_label_class_weights(dataset),
+            "reprojection",
+        )
+        if pseudo
+        else None
+    )
     net = build_model(model, num_classes, grid, train.seed)
     if init_checkpoint is not None:
         _load_init(net, init_checkpoint, model, data.protocol, grid)

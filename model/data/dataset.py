@@ -409,11 +409,12 @@ class NuScenesBevDataset(Dataset):
         }
         if self.pseudo_labels is not None:
             out["pseudo_labels"] = torch.from_numpy(
-                np.stack([self._load_pseudo_label(p) for p in rec.image_paths]).astype(np.int64)
+                np.stack([self.load_pseudo_label(p) for p in rec.image_paths]).astype(np.int64)
             )
         return out
 
-    def _load_pseudo_label(self, image_path: Path) -> np.ndarray:
+    def load_pseudo_label(self, image_path: Path) -> np.ndarray:
+        """The pseudo-label image of one camera image, resized to ``image_size`` (nearest)."""
         path = self._pseudo_path(image_path)
         if not path.is_file():
             raise MissingPseudoLabelsError(
