@@ -1,8 +1,8 @@
 """MLflow -> tidy pandas frames: one row per trial and epoch, and one row per trial.
 
-Reads only what docs/architecture.md ("MLflow layout") says the harness writes; never imports
-`harness`, `model` or Ray. Works on a store that a sweep is still writing: trials whose run is
-RUNNING are kept and marked `partial`.
+Reads only what docs/architecture.md ("MLflow layout") says the harness writes, by the names
+of `model.names` (a standard-library module: no torch, no Ray, no `harness`). Works on a
+store that a sweep is still writing: trials whose run is RUNNING are kept and marked `partial`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pandas as pd
 
+from model import names
+
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE_TEMPLATE = "sqlite:///studies/{experiment}/mlflow.db"
-METHODS = ("supervised", "pretrained")
 FINISHED = "FINISHED"
 # MLflow run statuses whose data is still growing: marked `partial`.
 UNFINISHED = ("RUNNING", "SCHEDULED")
@@ -35,17 +36,17 @@ TIME_COLUMNS = [
     f"cum_{clock}_s{suffix}" for clock in ("wall", "gpu") for suffix in TIME_ACCOUNTING.values()
 ]
 
-# Protocol class orders (model.data.labels.class_names; not imported: analysis reads only MLflow).
-KNOWN_CLASS_ORDER = (
-    "background",
-    "divider",
-    "lane_divider",
-    "road_divider",
-    "ped_crossing",
-    "stop_line",
-    "boundary",
-)
-
+# Frame column -> the MLflow param it is read from (the spec's dotted names).
+PARAM_COLUMNS = {
+    "labelled_samples": names.LABELLED_SAMPLES,
+    "pretrain_epochs": names.PRETRAIN_EPOCHS,
+    "finetune_epochs": names.FINETUNE_EPOCHS,
+    "seed": names.SEED,
+    "label_fraction": names.LABEL_FRACTION,
+    "w_reproj": names.W_REPROJ,
+    "w_temporal": names.W_TEMPORAL,
+    "w_bev": names.W_BEV,
+}
 INT_PARAMS = ("labelled_samples", "pretrain_epochs", "finetune_epochs", "seed")
 FLOAT_PARAMS = ("label_fraction", "w_reproj", "w_temporal", "w_bev")
 # Params that split one method into several configurations ("variants") when they differ
@@ -166,8 +167,9 @@ def _metric_frame(client, run) -> pd.DataFrame:
 
 
 def _column_name(metric_key: str) -> str:
-    """`val/mIoU` -> `val_mIoU`, `val/IoU_<c>` -> `IoU_<c>`, `time/cum_wall_s` -> `cum_wall_s`."""
-    if metric_key.startswith("val/IoU_"):
+    """A frame column (a Python identifier) per MLflow metric: `val/mIoU` -> `val_mIoU`,
+    `val/IoU_<c>` -> `IoU_<c>`, `time/cum_wall_s` -> `cum_wall_s`."""
+    if metric_key.startswith(names.VAL_IOU_PREFIX):
         return metric_key[len("val/") :]
     if metric_key.startswith("time/"):
         return metric_key[len("time/") :]
@@ -179,18 +181,18 @@ def _trial_params(run) -> dict:
     row = {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name or "",
-        "trial_id": tags.get("bev.trial_id") or run.info.run_name or run.info.run_id,
+        "trial_id": tags.get(names.TRIAL_ID) or run.info.run_name or run.info.run_id,
         "status": run.info.status,
         "start_time": run.info.start_time,
-        "method": params.get("method", tags.get("bev.method")),
-        "label_fraction": params.get("label_fraction", tags.get("bev.label_fraction")),
-        "seed": params.get("seed", tags.get("bev.seed")),
-        "preset": params.get("preset"),
-        "pretrain_key": tags.get("bev.pretrain_key"),
+        "method": params.get(names.METHOD, tags.get("bev.method")),
+        "label_fraction": params.get(names.LABEL_FRACTION, tags.get("bev.label_fraction")),
+        "seed": params.get(names.SEED, tags.get("bev.seed")),
+        "preset": params.get(names.PRESET),
+        "pretrain_key": tags.get(names.PRETRAIN_KEY),
     }
-    for name in INT_PARAMS + FLOAT_PARAMS:
-        if row.get(name) is None:
-            row[name] = params.get(name)
+    for column, param in PARAM_COLUMNS.items():
+        if row.get(column) is None:
+            row[column] = params.get(param)
     return row
 
 
@@ -201,7 +203,8 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     for name in INT_PARAMS:
         values = pd.to_numeric(frame[name], errors="coerce")
         frame[name] = values.round().astype("Int64")
-    methods = list(METHODS) + sorted(set(frame["method"].dropna()) - set(METHODS))
+    present = set(frame["method"].dropna())
+    methods = [m for m in names.METHODS if m in present] + sorted(present - set(names.METHODS))
     frame["method"] = pd.Categorical(frame["method"], categories=methods)
     frame["status"] = frame["status"].astype("string")
     frame["preset"] = frame["preset"].astype("string")
@@ -238,7 +241,7 @@ def _dedupe_trials(runs: list, warnings: list[str]) -> list:
     """Keep one run per trial id: a finished one if any, else the latest started."""
     by_trial: dict[str, list] = {}
     for run in runs:
-        key = run.data.tags.get("bev.trial_id") or run.info.run_id
+        key = run.data.tags.get(names.TRIAL_ID) or run.info.run_id
         by_trial.setdefault(key, []).append(run)
     kept = []
     for key, group in by_trial.items():
@@ -372,8 +375,8 @@ def load_study(experiment: str, tracking_uri: str | None = None, progress: bool 
     epochs["status"] = pd.Categorical(epochs["status"])
 
     logged = {c[len("IoU_") :] for c in epochs.columns if c.startswith("IoU_")}
-    class_names = [c for c in KNOWN_CLASS_ORDER if c in logged] + sorted(
-        logged - set(KNOWN_CLASS_ORDER)
+    class_names = [c for c in names.CLASS_ORDER if c in logged] + sorted(
+        logged - set(names.CLASS_ORDER)
     )
     identity = [
         "trial_id",

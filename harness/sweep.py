@@ -4,7 +4,7 @@
     python -m harness.sweep experiments/quick.yaml --dry-run     print its trials and exit
     python -m harness.sweep experiments/quick.yaml --resume      continue a killed sweep
     python -m harness.sweep SPEC --address 10.0.0.1:6379         run on an existing Ray cluster
-    python -m harness.sweep SPEC --set training.finetune_epochs=1 --set seeds=[0]
+    python -m harness.sweep SPEC --set finetune.budget.value=1 --set seeds=[0]
 
 Exit status: 0 every trial finished, 1 a trial failed (after its retries), 2 a bad spec or
 command line (nothing was started), 130 interrupted (resume with --resume).
@@ -17,43 +17,45 @@ pretraining cache and, by default, the MLflow SQLite store. docs/harness.md has 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import cache
-from harness.spec import (
-    Spec,
-    SpecError,
-    TrialSpec,
-    expand_trials,
-    load_spec,
-    pretrain_groups,
-    stable_hash,
+from harness.driver import (
+    STATE_FILE,
+    SweepCallback,
+    SweepClock,
+    SweepOutcome,
+    process_age_s,
+    read_state,
+    record_segment,
+    trial_of,
+    trial_slots,
+    write_state,
 )
+from harness.spec import Spec, SpecError, load_spec, stable_hash
 from harness.tracking import (
-    PARENT,
-    ROLE,
-    TRIAL_ID,
     Tracker,
     environment_info,
     flatten,
     git_commit,
+    local_artifact_location,
     resolve_ray_address,
     resolve_tracking_uri,
+    source_tags,
     sqlite_uri,
 )
-from harness.trial import SweepContext, run_trial, trial_key
+from harness.trial import SweepContext, run_trial
+from harness.trials import Trial, expand_trials, pretrain_shares
+from model import names
+from model.names import ROLE
 
 log = logging.getLogger("harness.sweep")
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-STATE_FILE = "sweep_state.json"
-METRIC, MODE = "val/mIoU", "max"
+METRIC, MODE = names.VAL_MIOU, "max"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec, overrides)
         if args.resume and not overrides:
             # A resumed sweep keeps the --set overrides it was started with.
-            stored = (_read_state(spec.storage_dir() / STATE_FILE) or {}).get("overrides")
+            stored = (read_state(spec.storage_dir() / STATE_FILE) or {}).get("overrides")
             if stored:
                 overrides = list(stored)
                 spec = load_spec(args.spec, overrides)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     args.overrides = overrides
-    trials = expand_trials(spec) if spec.search.optuna is None else []
+    trials = expand_trials(spec) if spec.optuna is None else []
     if args.dry_run:
         print(plan_text(spec, trials))
         return EXIT_OK
@@ -130,53 +132,56 @@ def main(argv: list[str] | None = None) -> int:
 # --- the plan ----------------------------------------------------------------------------------
 
 
-def plan_text(spec: Spec, trials: list[TrialSpec]) -> str:
+def plan_text(spec: Spec, trials: list[Trial]) -> str:
     """The dry run's output: one row per trial and the pretraining runs they share."""
     lines = [f"study {spec.study}: {spec.description}".rstrip(": ")]
-    if spec.search.optuna is not None:
-        optuna = spec.search.optuna
-        t = spec.training
+    if spec.optuna is not None:
+        optuna = spec.optuna
+        fixed = ", ".join(f"{path} {values[0]}" for path, values in spec.search.items())
         lines.append(
             f"Optuna search, {optuna.num_samples} trials (seed {optuna.seed}), method pretrained, "
-            f"label_fraction {spec.search.label_fraction[0]:g}, seed {spec.seeds[0]}, "
-            f"pretrain_epochs {(spec.search.pretrain_epochs or [t.pretrain_epochs])[0]}, "
-            f"finetune_epochs {t.finetune_epochs}, scheduler {spec.scheduler.type}"
+            f"seed {spec.seeds[0]}, finetune.budget {_budget(spec.finetune)}, "
+            f"scheduler {spec.scheduler.type}" + (f", {fixed}" if fixed else "")
         )
-        for name, dist in optuna.params.items():
+        for path, dist in optuna.params.items():
             rng = dist.values if dist.type == "choice" else f"[{dist.low:g}, {dist.high:g}]"
-            lines.append(f"  {name} ~ {dist.type} {rng}")
-        lines.append(f"pretraining runs: up to {optuna.num_samples} (one per sampled weight set)")
+            lines.append(f"  {path} ~ {dist.type} {rng}")
+        lines.append(f"pretraining runs: up to {optuna.num_samples} (one per sampled setting)")
         return "\n".join(lines)
-    groups = pretrain_groups(trials)
-    index = {group: i + 1 for i, group in enumerate(groups)}
-    header = (
-        "#", "method", "label_fraction", "pretrain_epochs", "finetune_epochs",
-        "w_bev", "w_reproj", "w_temporal", "seed", "pretraining",
-    )  # fmt: skip
+    resolved = [t.resolve(spec) for t in trials]
+    # Keys without the dataset fingerprint: the dry run does not generate the data.
+    keys = [r.pretrain_key("") for r in resolved]
+    index = {key: i + 1 for i, key in enumerate(dict.fromkeys(k for k in keys if k))}
+    axes = list(spec.search)
+    header = ("#", "method", *axes, "seed", "pretraining")
     rows = [
         (
             str(i + 1),
-            t.method,
-            f"{t.label_fraction:g}",
-            str(t.pretrain_epochs),
-            str(t.finetune_epochs),
-            f"{t.w_bev:g}",
-            f"{t.w_reproj:g}",
-            f"{t.w_temporal:g}",
-            str(t.seed),
-            f"P{index[t.pretrain_group]}" if t.pretrain_group else "-",
+            r.trial.method,
+            *(_cell(dict(r.trial.overrides).get(path, "-")) for path in axes),
+            str(r.trial.seed),
+            f"P{index[key]}" if key else "-",
         )
-        for i, t in enumerate(trials)
+        for i, (r, key) in enumerate(zip(resolved, keys, strict=True))
     ]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     for row in [header, *rows]:
         lines.append("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
-    shared = sum(groups.values())
+    shared = sum(1 for k in keys if k)
     lines.append(
-        f"{_count(len(trials), 'trial')}; {_count(len(groups), 'pretraining run')}, shared by "
-        f"{_count(shared, 'pretrained trial')}"
+        f"{_count(len(trials), 'trial')}; {_count(len(index), 'pretraining run')}, shared by "
+        f"{_count(shared, 'pretrained trial')}; pretrain.budget {_budget(spec.pretrain)}, "
+        f"finetune.budget {_budget(spec.finetune)}"
     )
     return "\n".join(lines)
+
+
+def _budget(cfg) -> str:
+    return f"{cfg.budget.value} {cfg.budget.unit}"
+
+
+def _cell(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _count(n: int, noun: str) -> str:
@@ -186,17 +191,16 @@ def _count(n: int, noun: str) -> str:
 # --- the sweep ---------------------------------------------------------------------------------
 
 
-def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[TrialSpec]) -> int:
+def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial]) -> int:
     import ray
 
     if spec.data.dataroot and not Path(spec.data.dataroot).expanduser().is_dir():
         raise SpecError(
             f"{args.spec}: data.dataroot: directory {spec.data.dataroot} does not exist"
         )
-    started = time.monotonic()
     storage = spec.storage_dir()
     state_path = storage / STATE_FILE
-    previous = _read_state(state_path) if args.resume else None
+    previous = read_state(state_path) if args.resume else None
     if args.resume and previous is None:
         raise SpecError(f"{args.spec}: --resume: no sweep to resume ({state_path} not found)")
 
@@ -212,7 +216,12 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[TrialSpec]) -> 
     from model.data.dataset import dataset_fingerprint
 
     fingerprint = dataset_fingerprint(dataroot, version)
-    tracker = Tracker(tracking_uri, spec.experiment)
+    tracker = Tracker(
+        tracking_uri,
+        spec.experiment,
+        artifact_location=local_artifact_location(tracking_uri, storage),
+        description=spec.description or f"bevlabels study {spec.study} ({args.spec})",
+    )
 
     if previous is not None:
         ray_path = Path(previous["ray_path"])
@@ -227,7 +236,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[TrialSpec]) -> 
             spec, args.spec, args.overrides, tracker, fingerprint, trials
         )
         log.info("sweep %s: MLflow run %s in %s", ray_path.name, sweep_run_id, tracking_uri)
-    _write_state(
+    write_state(
         state_path,
         {
             "ray_path": str(ray_path),
@@ -236,10 +245,12 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[TrialSpec]) -> 
             "experiment": spec.experiment,
             "config_hash": spec.config_hash(),
             "overrides": list(args.overrides),
+            # Wall time of every process that ran this sweep (a resume adds one): the clock
+            # callback keeps the last one current, so a kill -9 loses at most a second.
+            "segments_s": [*(previous or {}).get("segments_s", []), process_age_s()],
         },
     )
 
-    groups = pretrain_groups(trials)
     context = SweepContext(
         study=spec.study,
         tracking_uri=tracking_uri,
@@ -250,20 +261,16 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[TrialSpec]) -> 
         version=version,
         dataset_fingerprint=fingerprint,
         spec=spec.model_dump(mode="json"),
-        pretrain_shares={repr(group): count for group, count in groups.items()},
+        source_tags=source_tags(f"harness.sweep {args.spec}"),
+        pretrain_shares=pretrain_shares((t.resolve(spec) for t in trials), fingerprint),
     )
 
-    planned = spec.search.optuna.num_samples if spec.search.optuna else len(trials)
+    planned = spec.optuna.num_samples if spec.optuna else len(trials)
     slots = 1
     status = "KILLED"
     outcome = SweepOutcome(planned)
     try:
-        ray.init(
-            address=address or "local",
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            ignore_reinit_error=True,
-        )
+        start_ray(address)
         slots = trial_slots(spec, planned)
         tracker.set_tags(sweep_run_id, {"bev.ray_address": address or "local"})
         tuner = build_tuner(spec, context, trials, ray_path, args.resume)
@@ -276,8 +283,10 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[TrialSpec]) -> 
         closed = tracker.close_unfinished(sweep_run_id, status="KILLED")
         if closed:
             log.warning("%d run(s) were still RUNNING; marked KILLED", closed)
-        wall_s = time.monotonic() - started
+        segments = record_segment(state_path, process_age_s())
+        wall_s = sum(segments)
         tracker.log_metrics(sweep_run_id, outcome.metrics(wall_s, slots), step=0)
+        tracker.log_metrics(sweep_run_id, {"sweep/segments": len(segments)}, step=0)
         tracker.finish(sweep_run_id, status)
         ray.shutdown()
     log.info(
@@ -292,6 +301,22 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[TrialSpec]) -> 
         log.warning("resume with: python -m harness.sweep %s --resume", args.spec)
         return EXIT_INTERRUPTED
     return EXIT_TRIALS_FAILED if outcome.failed else EXIT_OK
+
+
+def start_ray(address: str | None) -> None:
+    """Connect to the cluster at ``address``, or start a local Ray bound to loopback only.
+
+    Local mode passes ``_node_ip_address="127.0.0.1"``: Ray binds its GCS, raylet, object
+    manager and worker ports to the node IP, so nothing listens on other interfaces; the
+    dashboard stays off. A cluster is an explicit opt-in (``--address``; docs/scaling.md).
+    """
+    import ray
+
+    options = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if address:
+        ray.init(address=address, ignore_reinit_error=True, **options)
+    else:
+        ray.init(address="local", _node_ip_address="127.0.0.1", **options)
 
 
 def prepare_data(spec: Spec, storage: Path) -> tuple[Path, str]:
@@ -316,14 +341,12 @@ def prepare_data(spec: Spec, storage: Path) -> tuple[Path, str]:
 def prepare_pseudo_labels(spec: Spec, dataroot: Path, version: str) -> None:
     """Pretraining's pseudo-labels: simulated ones are written once here (not by every trial);
     Mask2Former ones must have been made beforehand."""
-    from model import train as core
     from model.data.dataset import pseudo_label_command
+    from model.data.pseudo_labels import ensure_synthetic
 
     labeler, protocol = spec.data.resolved_pseudo_labels, spec.data.protocol
     if labeler == "synthetic":
-        core.ensure_pseudo_labels(
-            core.DataConfig(str(dataroot), version, protocol=protocol, pseudo_labels=labeler)
-        )
+        ensure_synthetic(dataroot, version, protocol)
     elif not (dataroot / "pseudo_labels" / labeler / protocol).is_dir():
         command = pseudo_label_command(dataroot, version, labeler, protocol)
         raise SpecError(
@@ -338,13 +361,14 @@ def start_sweep_run(
     overrides: list[str],
     tracker: Tracker,
     fingerprint: str,
-    trials: list[TrialSpec],
+    trials: list[Trial],
 ) -> str:
     commit, dirty = git_commit()
     run = tracker.client.create_run(
         tracker.experiment_id,
         run_name=f"{spec.study}-sweep-{time.strftime('%Y%m%d-%H%M%S')}",
         tags={
+            **source_tags(f"harness.sweep {spec_path}"),
             ROLE: "sweep",
             "bev.study": spec.study,
             "bev.git_commit": commit,
@@ -362,17 +386,17 @@ def start_sweep_run(
         "spec": spec.model_dump(mode="json"),
         "overrides": overrides,
         "storage_dir": str(spec.storage_dir()),
-        "trials": [t.to_dict() | {"name": t.name, "trial_id": trial_key(t)} for t in trials],
+        "trials": [t.to_dict() | {"name": t.resolve(spec).name, "trial_id": t.key} for t in trials],
     }
     tracker.log_json(run_id, resolved, "resolved_spec.json")
     tracker.log_json(run_id, environment_info(), "environment.json")
-    total = spec.search.optuna.num_samples if spec.search.optuna else len(trials)
+    total = spec.optuna.num_samples if spec.optuna else len(trials)
     tracker.log_metrics(run_id, {"sweep/trials_total": total}, step=0)
     return run_id
 
 
 def build_tuner(
-    spec: Spec, context: SweepContext, trials: list[TrialSpec], ray_path: Path, resume: bool
+    spec: Spec, context: SweepContext, trials: list[Trial], ray_path: Path, resume: bool
 ):
     from ray import tune
 
@@ -393,19 +417,19 @@ def build_tuner(
 
         scheduler = ASHAScheduler(
             time_attr="epoch",
-            max_t=spec.training.finetune_epochs,
+            max_t=spec.finetune.budget.value,
             grace_period=spec.scheduler.grace_period,
             reduction_factor=spec.scheduler.reduction_factor,
         )
-    if spec.search.optuna is None:
+    if spec.optuna is None:
         param_space = {"trial": tune.grid_search([t.to_dict() for t in trials])}
         num_samples = 1
     else:
         from ray.tune.search.optuna import OptunaSearch
 
         param_space = {"trial": optuna_space(spec)}
-        search_alg = OptunaSearch(seed=spec.search.optuna.seed)
-        num_samples = spec.search.optuna.num_samples
+        search_alg = OptunaSearch(seed=spec.optuna.seed)
+        num_samples = spec.optuna.num_samples
 
     return tune.Tuner(
         trainable,
@@ -425,206 +449,36 @@ def build_tuner(
             storage_path=str(ray_path.parent),
             failure_config=tune.FailureConfig(max_failures=spec.retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[SweepCallback(str(ray_path.parent.parent / STATE_FILE))],
+            callbacks=[
+                SweepCallback(str(ray_path.parent.parent / STATE_FILE)),
+                SweepClock(str(ray_path.parent.parent / STATE_FILE)),
+            ],
             verbose=1,
         ),
     )
 
 
 def optuna_space(spec: Spec) -> dict:
+    """A trial dict whose sampled overrides are Tune distributions (Optuna fills them in)."""
     from ray import tune
 
-    t, s = spec.training, spec.search
-    space: dict = {
-        "method": "pretrained",
-        "label_fraction": s.label_fraction[0],
-        "seed": spec.seeds[0],
-        "pretrain_epochs": (s.pretrain_epochs or [t.pretrain_epochs])[0],
-        "finetune_epochs": t.finetune_epochs,
-        "w_bev": t.w_bev,
-        "w_reproj": (s.w_reproj or [t.w_reproj])[0],
-        "w_temporal": (s.w_temporal or [t.w_temporal])[0],
-    }
-    for name, dist in spec.search.optuna.params.items():
+    overrides: dict = {path: values[0] for path, values in spec.search.items()}
+    for path, dist in spec.optuna.params.items():
         if dist.type == "uniform":
-            space[name] = tune.uniform(dist.low, dist.high)
+            overrides[path] = tune.uniform(dist.low, dist.high)
         elif dist.type == "loguniform":
-            space[name] = tune.loguniform(dist.low, dist.high)
+            overrides[path] = tune.loguniform(dist.low, dist.high)
         else:
-            space[name] = tune.choice(list(dist.values))
-    return space
-
-
-def _trial_spec(trial) -> TrialSpec:
-    return TrialSpec(**trial.config["trial"])
+            overrides[path] = tune.choice(list(dist.values))
+    return {"method": names.PRETRAINED, "seed": spec.seeds[0], "overrides": overrides}
 
 
 def _trial_name(trial) -> str:
-    return _trial_spec(trial).name
+    return trial_of(trial).label
 
 
 def _trial_dirname(trial) -> str:
-    return f"{_trial_spec(trial).name}-{trial.trial_id}"
-
-
-# --- bookkeeping on the driver -----------------------------------------------------------------
-
-
-def _read_state(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
-
-
-try:
-    from ray.tune import Callback as _TuneCallback
-except ImportError:  # pragma: no cover - ray is a dependency
-    _TuneCallback = object
-
-
-class SweepCallback(_TuneCallback):
-    """Keeps MLflow's view of each trial in step with Ray Tune's on the driver.
-
-    Trials mark their own runs FAILED when they raise. This callback covers what a trial cannot:
-    a worker process that died (FAILED with the reason), a trial stopped early by ASHA (FINISHED,
-    tagged `bev.stopped_early`), and retries (`bev.retries`). Ray Tune pickles it with the
-    experiment, so it keeps only the state file's path and reads where MLflow is on `setup`.
-    """
-
-    def __init__(self, state_path: str):
-        self.state_path = state_path
-        self._tracker: Tracker | None = None
-        self._sweep_run_id: str | None = None
-
-    def __getstate__(self) -> dict:
-        return {"state_path": self.state_path}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["state_path"])
-
-    def setup(self, **info) -> None:
-        state = _read_state(Path(self.state_path)) or {}
-        if state:
-            self._tracker = Tracker(state["tracking_uri"], state["experiment"])
-            self._sweep_run_id = state["sweep_run_id"]
-
-    def _run(self, trial):
-        if self._tracker is None:
-            return None
-        found = self._tracker.find(
-            {ROLE: "trial", TRIAL_ID: trial_key(_trial_spec(trial)), PARENT: self._sweep_run_id}
-        )
-        return found[0] if found else None
-
-    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        run = self._run(trial)
-        if run is not None:
-            retries = int(run.data.tags.get("bev.retries", "0")) + 1
-            self._tracker.set_tags(run.info.run_id, {"bev.retries": retries})
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        run = self._run(trial)
-        if run is None:
-            return
-        error = run.data.tags.get("bev.error") or _trial_error(trial)
-        self._tracker.finish(run.info.run_id, "FAILED", error=error)
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        run = self._run(trial)
-        if run is None or run.info.status != "RUNNING":
-            return
-        epochs = (trial.last_result or {}).get("epoch", 0)
-        if epochs < _trial_spec(trial).finetune_epochs:
-            self._tracker.set_tags(run.info.run_id, {"bev.stopped_early": "true"})
-        self._tracker.finish(run.info.run_id, "FINISHED")
-
-
-def _trial_error(trial) -> str:
-    path = getattr(trial, "error_file", None) or ""
-    try:
-        text = Path(path).read_text().strip().splitlines()
-        return text[-1] if text else "trial failed"
-    except OSError:
-        return "trial failed (worker process died)"
-
-
-@dataclass
-class SweepOutcome:
-    """What the sweep achieved, read back from Ray Tune's experiment state and MLflow."""
-
-    planned: int = 0  # trials the spec asks for (grid points or Optuna samples)
-    statuses: dict[str, str] = field(default_factory=dict)  # Ray trial id -> Tune status
-    core_wall_s: float = 0.0  # the core's training clocks, summed over trials and pretrainings
-    val_wall_s: float = 0.0  # their validation passes, summed the same way
-
-    @property
-    def finished(self) -> int:
-        return sum(s == "TERMINATED" for s in self.statuses.values())
-
-    @property
-    def failed(self) -> int:
-        return sum(s == "ERROR" for s in self.statuses.values())
-
-    @property
-    def unfinished(self) -> int:
-        # Ray creates grid trials lazily: an interrupted sweep may not know all of them yet.
-        return max(self.planned, len(self.statuses)) - self.finished - self.failed
-
-    @classmethod
-    def read(cls, planned: int, ray_path: Path, tracker: Tracker, sweep_run_id: str):
-        from ray.tune import ExperimentAnalysis
-
-        analysis = ExperimentAnalysis(str(ray_path))
-        statuses = {t.trial_id: str(t.status) for t in analysis.trials}
-        core = val = 0.0
-        for run in tracker.find({PARENT: sweep_run_id}):
-            if run.data.tags.get(ROLE) in ("trial", "pretrain"):
-                core += run.data.metrics.get("time/cum_wall_s", 0.0)
-                history = tracker.client.get_metric_history(run.info.run_id, "time/val_wall_s")
-                # One value per epoch; a resumed epoch logs its step again: count it once.
-                val += sum({m.step: m.value for m in history}.values())
-        return cls(planned, statuses, core, val)
-
-    def metrics(self, wall_s: float, slots: int) -> dict[str, float]:
-        values = {
-            "sweep/trials_total": max(self.planned, len(self.statuses)),
-            "sweep/trials_finished": self.finished,
-            "sweep/trials_failed": self.failed,
-            "sweep/wall_s": wall_s,
-        }
-        if self.core_wall_s:
-            held = wall_s * slots
-            values["sweep/core_wall_s"] = self.core_wall_s
-            values["sweep/val_wall_s"] = self.val_wall_s
-            values["sweep/slots"] = slots
-            values["sweep/train_share"] = min(1.0, self.core_wall_s / held)
-            values["sweep/val_share"] = min(1.0, self.val_wall_s / held)
-            # Share of the slot-seconds the sweep held that went to anything but the core's
-            # training and validation loops: startup, data, caches, MLflow, Ray, idle slots.
-            values["sweep/overhead_share"] = max(
-                0.0, 1.0 - (self.core_wall_s + self.val_wall_s) / held
-            )
-        return values
-
-
-def trial_slots(spec: Spec, planned: int) -> int:
-    """How many trials can run at once on the connected Ray cluster."""
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    slots = max(1, int(cpus // spec.resources.cpu))
-    if spec.resources.gpu > 0:
-        slots = min(slots, max(1, int(ray.cluster_resources().get("GPU", 0) // spec.resources.gpu)))
-    if spec.max_concurrent:
-        slots = min(slots, spec.max_concurrent)
-    return max(1, min(slots, planned or slots))
+    return f"{trial_of(trial).label}-{trial.trial_id}"
 
 
 if __name__ == "__main__":

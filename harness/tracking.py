@@ -23,13 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# The run layout's tag names live with the rest of the study's vocabulary.
+from model.names import ERROR, PARENT, PRETRAIN_KEY, ROLE, TRIAL_ID  # noqa: F401
+
 log = logging.getLogger(__name__)
 
-ROLE = "bev.role"
-TRIAL_ID = "bev.trial_id"
-PRETRAIN_KEY = "bev.pretrain_key"
-PARENT = "mlflow.parentRunId"
-ERROR = "bev.error"
 MAX_TAG_CHARS = 5000  # MLflow keeps tag values up to 8000 characters; leave room
 
 PACKAGES = (
@@ -100,8 +98,8 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
         for key, item in value.items():
             out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(value, list | tuple) and any(isinstance(v, Mapping) for v in value):
-        for i, item in enumerate(value):
-            out.update(flatten(item, f"{prefix}[{i}]"))
+        for i, item in enumerate(value):  # MLflow keys allow no brackets: `search.x.0.patience`
+            out.update(flatten(item, f"{prefix}.{i}"))
     else:
         out[prefix] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
     return out
@@ -123,7 +121,32 @@ def git_commit(where: Path | None = None) -> tuple[str, bool]:
         ).stdout
         return commit, bool(status.strip())
     except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
+        # No .git (the Docker image): the commit its build argument recorded.
+        return os.environ.get("BEVLABELS_GIT_COMMIT") or "unknown", False
+
+
+def source_tags(entry_point: str) -> dict[str, str]:
+    """MLflow's own source tags (`mlflow.source.*`, `mlflow.user`) for a run of this code."""
+    import getpass
+
+    commit, _ = git_commit()
+    tags = {
+        "mlflow.source.name": entry_point,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": getpass.getuser(),
+    }
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def local_artifact_location(tracking_uri: str, study_dir: Path) -> str | None:
+    """Where a new experiment keeps its artifacts: inside the study folder for a local store
+    (SQLite or files), so copying the folder keeps the reports; a tracking server's own
+    artifact store otherwise (None)."""
+    if tracking_uri.startswith(("http://", "https://", "databricks")):
+        return None
+    return (Path(study_dir) / "artifacts").resolve().as_uri()
 
 
 def environment_info() -> dict:
@@ -153,7 +176,14 @@ def error_text(exc: BaseException) -> str:
 class Tracker:
     """An MLflow client bound to one tracking URI and one experiment."""
 
-    def __init__(self, tracking_uri: str, experiment: str, create: bool = True):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        create: bool = True,
+        artifact_location: str | None = None,
+        description: str | None = None,
+    ):
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
@@ -162,7 +192,19 @@ class Tracker:
         if found is None:
             if not create:
                 raise LookupError(f"no experiment {experiment!r} in {tracking_uri}")
-            self.experiment_id = self.client.create_experiment(experiment)
+            # A training study, not a GenAI one: the UI opens on runs, not on traces.
+            tags = {"mlflow.experimentKind": "custom_model_development"}
+            if description:
+                tags["mlflow.note.content"] = description
+            try:
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=artifact_location, tags=tags
+                )
+            except Exception:  # created meanwhile by a concurrent sweep or trial
+                found = self.client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                self.experiment_id = found.experiment_id
         else:
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
@@ -254,6 +296,36 @@ class Tracker:
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
+
+    def log_table(self, run_id: str, table: Mapping[str, list], artifact_file: str) -> None:
+        """A table MLflow's UI shows as one (artifact view, and across runs)."""
+        self.client.log_table(run_id, data=dict(table), artifact_file=artifact_file)
+
+    def log_image(self, run_id: str, image, key: str, step: int) -> None:
+        """An image per step: the UI's image view lets a user step through a trial's epochs."""
+        self.client.log_image(run_id, image, key=key, step=step)
+
+    def log_dataset(
+        self, run_id: str, name: str, digest: str, source: str, profile: dict, context: str
+    ) -> None:
+        """A dataset input of the run (`mlflow.log_input`): `digest` identifies the content,
+        `profile` says what it holds (e.g. the scene list of a label subset)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(
+            name=name,
+            digest=digest[:36],
+            source_type="local",
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(profile, default=str),
+        )
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
+    def log_artifact(self, run_id: str, path: Path, folder: str) -> str:
+        """Upload one file; returns its artifact path (what a tag can point to)."""
+        self.client.log_artifact(run_id, str(path), folder)
+        return f"{folder}/{Path(path).name}"
 
     def log_json(self, run_id: str, value: Any, artifact_file: str) -> None:
         self.client.log_text(run_id, json.dumps(value, indent=2, default=str), artifact_file)

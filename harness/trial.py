@@ -1,16 +1,15 @@
 """One trial: (shared) pretraining, fine-tuning on a label fraction, MLflow logging, Tune reports.
 
 `run_trial(config, context)` is the Ray Tune function trainable. `config["trial"]` is a
-`TrialSpec` as a dict (one grid point or one Optuna sample); `context` is the same for every
-trial of a sweep. The trial only calls the training core's public functions (`model.train`),
-and writes the run layout of docs/architecture.md through `harness.tracking`.
+`Trial` as a dict (a method, a seed and the search axes' values); `context` is the same for
+every trial of a sweep. The trial resolves its settings with the spec model, calls the training
+core's public functions (`model.train`) with the spec's sections as they are, and writes the
+run layout of docs/architecture.md through `harness.tracking`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import shutil
 import tempfile
@@ -19,20 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from harness import cache
-from harness.spec import Spec, TrialSpec, stable_hash
-from harness.tracking import (
-    PARENT,
-    PRETRAIN_KEY,
-    ROLE,
-    TRIAL_ID,
-    Tracker,
-    error_text,
-)
+from harness.spec import Spec, stable_hash
+from harness.tracking import Tracker, error_text, flatten
+from harness.trials import ResolvedTrial, Trial
+from model import names
+from model.config import DataConfig, RuntimeConfig
+from model.names import PARENT, PRETRAIN_KEY, ROLE, TRIAL_ID
 
 log = logging.getLogger(__name__)
-
-# Bump when the meaning of a cached pretraining changes without its config changing.
-PRETRAIN_CACHE_VERSION = 2  # 2: reprojection class weights default to "auto"
 
 
 @dataclass(frozen=True)
@@ -48,7 +41,8 @@ class SweepContext:
     version: str
     dataset_fingerprint: str
     spec: dict  # the validated spec, as JSON
-    pretrain_shares: dict[str, int] = field(default_factory=dict)  # repr(group) -> trials
+    pretrain_shares: dict[str, int] = field(default_factory=dict)  # pretrain key -> trials
+    source_tags: dict[str, str] = field(default_factory=dict)  # mlflow.source.* of the code
 
 
 @dataclass(frozen=True)
@@ -61,25 +55,21 @@ class Pretraining:
     built_here: bool
 
 
-def trial_key(trial: TrialSpec) -> str:
-    """The trial's identity (`bev.trial_id`): stable across retries, resumes and processes."""
-    return stable_hash(trial.to_dict(), 12)
-
-
 def run_trial(config: dict, context: SweepContext) -> None:
     """Ray Tune function trainable: run one trial and report each fine-tuning epoch."""
-    trial = TrialSpec(**config["trial"])
-    spec = Spec.model_validate(context.spec)
-    _limit_threads(spec.resources.cpu)
+    trial = Trial.from_dict(config["trial"])
+    resolved = trial.resolve(Spec.model_validate(context.spec))
+    spec = resolved.spec
     tracker = Tracker(context.tracking_uri, context.experiment)
     run_id, created = tracker.open_run(
-        {ROLE: "trial", TRIAL_ID: trial_key(trial), PARENT: context.sweep_run_id},
-        run_name=trial.name,
+        {ROLE: "trial", TRIAL_ID: trial.key, PARENT: context.sweep_run_id},
+        run_name=resolved.name,
         tags={
-            "bev.study": context.study,
+            names.STUDY: context.study,
             "bev.method": trial.method,
-            "bev.label_fraction": f"{trial.label_fraction:g}",
+            "bev.label_fraction": f"{resolved.finetune.label_fraction:g}",
             "bev.seed": str(trial.seed),
+            **context.source_tags,
         },
     )
     tracker.set_tags(run_id, _placement())
@@ -90,7 +80,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
     )
     try:
         with monitor:
-            _run(trial, spec, context, tracker, run_id)
+            _run(resolved, context, tracker, run_id)
     except Exception as exc:
         # The retry (FailureConfig) reopens this same run; after the last one it stays FAILED.
         tracker.finish(run_id, "FAILED", error=error_text(exc))
@@ -100,63 +90,71 @@ def run_trial(config: dict, context: SweepContext) -> None:
     tracker.finish(run_id, "FINISHED")
 
 
-def _run(trial: TrialSpec, spec: Spec, context: SweepContext, tracker: Tracker, run_id: str):
+def _run(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker, run_id: str) -> None:
     from ray import tune
 
     from model import train as core
 
-    data_cfg, model_cfg, train_cfg = core_configs(spec, context, trial)
+    data, model = core_data(resolved, context), resolved.spec.model.build()
+    runtime = core_runtime(resolved)
     pretraining = None
-    if trial.method == "pretrained":
-        pretraining = ensure_pretraining(trial, spec, context, tracker)
+    if resolved.pretrain is not None:
+        pretraining = ensure_pretraining(resolved, context, tracker)
         tracker.set_tags(
-            run_id,
-            {PRETRAIN_KEY: pretraining.key, "bev.pretrain_run_id": pretraining.run_id},
+            run_id, {PRETRAIN_KEY: pretraining.key, "bev.pretrain_run_id": pretraining.run_id}
         )
-    shares = context.pretrain_shares.get(repr(trial.pretrain_group), 1)
-    tracker.log_params(run_id, trial_params(trial, spec, context))
-    tracker.log_json(
-        run_id, trial_config(trial, spec, context, pretraining, shares), "trial_config.json"
-    )
+    shares = context.pretrain_shares.get(pretraining.key, 1) if pretraining else 1
+    finetune_cfg = resolved.finetune
+    if resolved.twin is not None:
+        finetune_cfg = matched_finetune(resolved, data, context)
+    tracker.log_params(run_id, trial_params(resolved, context, finetune_cfg))
+    config = trial_config(resolved, context, pretraining, shares)
+    tracker.log_json(run_id, config, "trial_config.json")
+    log_datasets(tracker, run_id, resolved, context)
 
     work = Path(tempfile.mkdtemp(prefix="bev-trial-"))
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
             shutil.copytree(folder, work, dirs_exist_ok=True)
-        log.info("trial %s resumes from its last checkpoint", trial.name)
+        log.info("trial %s resumes from its last checkpoint", resolved.name)
     last: dict[str, Any] = {}
 
     def on_epoch(report) -> None:
-        if report.phase != "finetune":
-            return
         metrics = epoch_metrics(report, pretraining, shares)
         tracker.log_metrics(run_id, metrics, step=report.epoch)
         if "labelled_samples" not in last:
-            tracker.log_params(run_id, {"labelled_samples": report.labelled_samples})
+            tracker.log_params(run_id, {names.LABELLED_SAMPLES: report.labelled_samples})
         last.update(metrics=metrics, labelled_samples=report.labelled_samples)
         if report.val:
             # Written every evaluated epoch: a trial ASHA stops inside tune.report never returns.
-            tracker.log_text(run_id, per_class_csv(metrics), "per_class_iou.csv")
-        tune_metrics = {"epoch": report.epoch, **metrics}
+            log_per_class(tracker, run_id, report.val, report.epoch)
+        if report.stopped_early:  # the core's early stopping (ASHA's: the driver tags it)
+            tracker.set_tags(run_id, {"bev.stopped_early": "true"})
+        if report.preview is not None:
+            tracker.log_image(run_id, report.preview, key="bev_prediction", step=report.epoch)
+        tune_metrics = {"epoch": report.epoch, "epochs": report.epochs, **metrics}
         with _checkpoint_dir(report.checkpoint) as folder:
             checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
             tune.report(tune_metrics, checkpoint=checkpoint)
 
     try:
         result = core.finetune(
-            data_cfg,
-            model_cfg,
-            train_cfg,
+            data,
+            model,
+            finetune_cfg,
             out_dir=work,
-            label_fraction=trial.label_fraction,
-            subset_seed=trial.seed,
+            seed=resolved.trial.seed,
             init_checkpoint=pretraining.checkpoint if pretraining else None,
+            runtime=runtime,
             on_epoch=on_epoch,
         )
-        tracker.log_params(run_id, {"labelled_samples": result.labelled_samples})
+        tracker.log_params(run_id, {names.LABELLED_SAMPLES: result.labelled_samples})
         if not last:  # resumed after its last epoch: nothing was reported in this attempt
-            tracker.log_text(run_id, per_class_csv(_final_metrics(result)), "per_class_iou.csv")
+            log_per_class(tracker, run_id, result.val, result.epochs)
+        if resolved.spec.mlflow.log_checkpoint and result.checkpoint is not None:
+            where = tracker.log_artifact(run_id, result.checkpoint, "model")
+            tracker.set_tags(run_id, {"bev.model_artifact": where})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -164,32 +162,8 @@ def _run(trial: TrialSpec, spec: Spec, context: SweepContext, tracker: Tracker, 
 # --- pretraining, shared -----------------------------------------------------------------------
 
 
-def pretrain_key(trial: TrialSpec, spec: Spec, context: SweepContext) -> str:
-    """Everything that decides a pretraining's weights, hashed: trials with equal keys share it."""
-    data_cfg, model_cfg, train_cfg = core_configs(spec, context, trial)
-    train = train_cfg.to_dict()
-    # Settings that only shape fine-tuning, evaluation or logging leave the weights alone.
-    for name in (
-        "finetune_epochs", "w_bev", "finetune_w_reproj", "finetune_w_temporal",
-        "bev_class_weights", "bev_pos_weight", "pretrain_val", "val_every", "device", "progress",
-    ):  # fmt: skip
-        train.pop(name, None)
-    return stable_hash(
-        {
-            "cache_version": PRETRAIN_CACHE_VERSION,
-            "dataset": context.dataset_fingerprint,
-            "version": context.version,
-            "protocol": data_cfg.protocol,
-            "pseudo_labels": data_cfg.pseudo_labels,
-            "grid": dataclasses.asdict(data_cfg.label_grid(model_cfg)),
-            "model": model_cfg.to_dict(),
-            "train": train,
-        }
-    )
-
-
 def ensure_pretraining(
-    trial: TrialSpec, spec: Spec, context: SweepContext, tracker: Tracker
+    resolved: ResolvedTrial, context: SweepContext, tracker: Tracker
 ) -> Pretraining:
     """The checkpoint of this trial's pretraining, computed once per key across all trials.
 
@@ -198,24 +172,27 @@ def ensure_pretraining(
     """
     from model import train as core
 
-    key = pretrain_key(trial, spec, context)
+    key = resolved.pretrain_key(context.dataset_fingerprint)
+    seed = resolved.trial.seed
+    params = pretrain_params(resolved)
 
     def build(work: Path) -> dict:
         run_id, created = tracker.open_run(
             {ROLE: "pretrain", PRETRAIN_KEY: key},
-            run_name=f"pretrain-s{trial.seed}-{key[:8]}",
+            run_name=f"pretrain-s{seed}-{key[:8]}",
             tags={
                 PARENT: context.sweep_run_id,
-                "bev.seed": str(trial.seed),
-                "bev.study": context.study,
+                "bev.seed": str(seed),
+                names.STUDY: context.study,
+                **context.source_tags,
             },
         )
-        data_cfg, model_cfg, train_cfg = core_configs(spec, context, trial)
-        tracker.log_params(run_id, pretrain_params(trial, spec))
+        tracker.log_params(run_id, params)
 
         def on_epoch(report) -> None:
             tracker.log_metrics(run_id, pretrain_metrics(report), step=report.epoch)
 
+        spec = resolved.spec
         monitor = (
             tracker.system_metrics(run_id, spec.mlflow.system_metrics_interval_s, not created)
             if spec.mlflow.system_metrics
@@ -224,7 +201,13 @@ def ensure_pretraining(
         try:
             with monitor:
                 checkpoint = core.pretrain(
-                    data_cfg, model_cfg, train_cfg, out_dir=work / "train", on_epoch=on_epoch
+                    core_data(resolved, context),
+                    spec.model.build(),
+                    resolved.pretrain,
+                    out_dir=work / "train",
+                    seed=seed,
+                    runtime=core_runtime(resolved),
+                    on_epoch=on_epoch,
                 )
         except Exception as exc:
             tracker.finish(run_id, "FAILED", error=error_text(exc))
@@ -234,18 +217,18 @@ def ensure_pretraining(
         tracker.finish(run_id, "FINISHED")
         return {
             "checkpoint": str(Path(checkpoint).resolve().relative_to(work.resolve())),
-            "wall_s": logged.get("time/cum_wall_s", 0.0),
-            "gpu_s": logged.get("time/cum_gpu_s", 0.0),
+            "wall_s": logged.get(names.CUM_WALL_S, 0.0),
+            "gpu_s": logged.get(names.CUM_GPU_S, 0.0),
             "run_id": run_id,
-            "seed": trial.seed,
-            "params": pretrain_params(trial, spec),
+            "seed": seed,
+            "params": params,
         }
 
     entry = cache.compute_once(
         Path(context.storage_dir) / "pretrain",
         key,
         build,
-        on_wait=lambda: log.info("trial %s waits for pretraining %s", trial.name, key),
+        on_wait=lambda: log.info("trial %s waits for pretraining %s", resolved.name, key),
     )
     return Pretraining(
         key=key,
@@ -257,93 +240,96 @@ def ensure_pretraining(
     )
 
 
-# --- the core's configs ------------------------------------------------------------------------
+# --- the core's arguments ----------------------------------------------------------------------
 
 
-def core_configs(spec: Spec, context: SweepContext, trial: TrialSpec):
-    """Spec + trial -> the training core's (DataConfig, ModelConfig, TrainConfig)."""
+def matched_finetune(resolved: ResolvedTrial, data: DataConfig, context: SweepContext):
+    """The compute-matched arm's fine-tuning: its budget plus the optimiser steps its
+    pretrained twin spent in pretraining (whole, or divided among the trials sharing it)."""
     from model import train as core
-    from model.presets import get_preset
 
-    t, d = spec.training, spec.data
-    device = t.device
-    if device == "auto":
-        device = "cuda" if spec.resources.gpu > 0 else "cpu"
-    data_cfg = core.DataConfig(
-        dataroot=context.dataroot,
-        version=context.version,
-        protocol=d.protocol,
-        pseudo_labels=d.resolved_pseudo_labels,
-        num_workers=d.num_workers,
-        max_val_samples=d.max_val_samples,
-        cache_dir=str(Path(context.storage_dir) / "labels") if context.storage_dir else None,
-    )
-    model_cfg = get_preset(spec.model.preset, **spec.model.overrides)
-    train_cfg = core.TrainConfig(
-        **{
-            **t.options,
-            "pretrain_epochs": trial.pretrain_epochs,
-            "finetune_epochs": trial.finetune_epochs,
-            "batch_size": t.batch_size,
-            "lr": t.lr,
-            "weight_decay": t.weight_decay,
-            "w_bev": trial.w_bev,
-            "w_reproj": trial.w_reproj,
-            "w_temporal": trial.w_temporal,
-            "seed": trial.seed,
-            "device": device,
-            "progress": False,
+    twin = resolved.twin
+    steps = core.planned_steps(data, twin.pretrain)
+    if resolved.spec.compute_matched == "amortised":
+        key = twin.pretrain_key(context.dataset_fingerprint)
+        steps = round(steps / max(1, context.pretrain_shares.get(key, 1)))
+    return resolved.finetune.model_copy(update={"extra_steps": steps})
+
+
+def core_data(resolved: ResolvedTrial, context: SweepContext) -> DataConfig:
+    """The spec's data section with what the sweep decided: the dataroot (generated for
+    synthetic data), its version, and the study folder's label cache."""
+    return resolved.spec.data.model_copy(
+        update={
+            "dataroot": context.dataroot,
+            "version": context.version,
+            "cache_dir": str(Path(context.storage_dir) / "labels"),
         }
     )
-    return data_cfg, model_cfg, train_cfg
+
+
+def core_runtime(resolved: ResolvedTrial) -> RuntimeConfig:
+    """The spec's runtime section; "auto" becomes the device Ray gave the trial, and no bars."""
+    spec = resolved.spec
+    device = spec.runtime.device
+    if device == "auto":
+        device = "cuda" if spec.resources.gpu > 0 else "cpu"
+    update = {"device": device, "progress": False, "preview": spec.mlflow.log_images}
+    return spec.runtime.model_copy(update=update)
 
 
 # --- what goes to MLflow -----------------------------------------------------------------------
 
 
-def trial_params(trial: TrialSpec, spec: Spec, context: SweepContext) -> dict:
-    """The trial run's params: what its pretraining depends on, plus the rest of the trial."""
+def pretrain_params(resolved: ResolvedTrial) -> dict:
+    """A pretraining run's params: the sections that decide it, with the spec's dotted names."""
+    spec = resolved.spec
     return {
-        **pretrain_params(trial, spec),
-        "method": trial.method,
-        "label_fraction": trial.label_fraction,
-        "finetune_epochs": trial.finetune_epochs,
-        "w_bev": trial.w_bev,
-        "data_source": spec.data.source,
-        "data_version": context.version,
-        "dataset_fingerprint": context.dataset_fingerprint,
-        "trial_id": trial_key(trial),
-        "cpu": spec.resources.cpu,
-        "gpu": spec.resources.gpu,
+        **flatten(
+            {
+                "data": spec.data.model_dump(mode="json"),
+                "model": spec.model.model_dump(mode="json"),
+                "pretrain": resolved.pretrain.model_dump(mode="json"),
+            }
+        ),
+        names.SEED: resolved.trial.seed,
     }
 
 
-def pretrain_params(trial: TrialSpec, spec: Spec) -> dict:
-    t = spec.training
+def trial_params(resolved: ResolvedTrial, context: SweepContext, finetune=None) -> dict:
+    """A trial run's params: its sections flat (`finetune.label_fraction`, `pretrain.w_reproj`;
+    no `pretrain.*` for a supervised trial), plus the method, seed and arm of the trial.
+    `finetune`: the fine-tuning as run, when the harness changed it (`finetune.extra_steps`)."""
+    spec = resolved.spec
+    sections = {
+        "data": spec.data.model_dump(mode="json"),
+        "model": spec.model.model_dump(mode="json"),
+        "finetune": (finetune or resolved.finetune).model_dump(mode="json"),
+        "runtime": spec.runtime.model_dump(mode="json"),
+    }
+    if resolved.pretrain is not None:
+        sections["pretrain"] = resolved.pretrain.model_dump(mode="json")
     return {
-        "pretrain_epochs": trial.pretrain_epochs,
-        "w_reproj": trial.w_reproj,
-        "w_temporal": trial.w_temporal,
-        "seed": trial.seed,
-        "preset": spec.model.preset,
-        "model_overrides": json.dumps(spec.model.overrides, sort_keys=True),
-        "batch_size": t.batch_size,
-        "lr": t.lr,
-        "weight_decay": t.weight_decay,
-        "protocol": spec.data.protocol,
-        "pseudo_labels": spec.data.resolved_pseudo_labels,
-        "training_options": json.dumps(t.options, sort_keys=True),
+        **flatten(sections),
+        names.METHOD: resolved.trial.method,
+        names.SEED: resolved.trial.seed,
+        "variant": resolved.variant,
+        "data.resolved_version": context.version,
+        "dataset_fingerprint": context.dataset_fingerprint,
+        "trial_id": resolved.trial.key,
+        "resources.cpu": spec.resources.cpu,
+        "resources.gpu": spec.resources.gpu,
     }
 
 
 def trial_config(
-    trial: TrialSpec, spec: Spec, context: SweepContext, pre: Pretraining | None, shares: int
+    resolved: ResolvedTrial, context: SweepContext, pre: Pretraining | None, shares: int
 ) -> dict:
     return {
-        "trial": trial.to_dict(),
-        "trial_id": trial_key(trial),
-        "name": trial.name,
-        "spec": context.spec,
+        "trial": resolved.trial.to_dict(),
+        "trial_id": resolved.trial.key,
+        "name": resolved.name,
+        "spec": resolved.spec.model_dump(mode="json"),
         "dataroot": context.dataroot,
         "dataset_fingerprint": context.dataset_fingerprint,
         "pretraining": None
@@ -360,81 +346,100 @@ def trial_config(
     }
 
 
-def _metric_name(prefix: str, key: str) -> str:
-    if key.startswith("IoU/"):
-        return f"{prefix}/IoU_{key[len('IoU/') :]}"
-    return f"{prefix}/{key.replace('/', '_')}"
-
-
 def epoch_metrics(report, pre: Pretraining | None, shares: int) -> dict[str, float]:
-    """A fine-tuning EpochReport -> the trial's metrics (docs/architecture.md names)."""
-    metrics: dict[str, float] = {}
-    for name, value in (report.losses or {}).items():
-        metrics[_loss_name("train", name)] = value
-    for name, value in (report.val or {}).items():
-        metrics[_metric_name("val", name)] = value
+    """A fine-tuning EpochReport -> the trial's metrics: the core's names, plus the clocks
+    that count the trial's pretraining (whole, and amortised over the trials sharing it)."""
     wall, gpu = float(report.cum_wall_s), float(report.cum_gpu_s)
     pre_wall = pre.wall_s if pre else 0.0
     pre_gpu = pre.gpu_s if pre else 0.0
-    metrics.update(
-        {
-            "time/cum_wall_s": wall,
-            "time/cum_gpu_s": gpu,
-            "time/cum_wall_s_incl_pretrain": wall + pre_wall,
-            "time/cum_gpu_s_incl_pretrain": gpu + pre_gpu,
-            "time/cum_wall_s_amortised": wall + pre_wall / max(1, shares),
-            "time/cum_gpu_s_amortised": gpu + pre_gpu / max(1, shares),
-            "labelled_samples": report.labelled_samples,
-            "time/val_wall_s": float(report.val_wall_s),  # this epoch's validation
-        }
-    )
-    return metrics
+    return {
+        **report.losses,
+        **report.val,
+        names.CUM_WALL_S: wall,
+        names.CUM_GPU_S: gpu,
+        names.CUM_WALL_S + names.INCL_PRETRAIN: wall + pre_wall,
+        names.CUM_GPU_S + names.INCL_PRETRAIN: gpu + pre_gpu,
+        names.CUM_WALL_S + names.AMORTISED: wall + pre_wall / max(1, shares),
+        names.CUM_GPU_S + names.AMORTISED: gpu + pre_gpu / max(1, shares),
+        names.LABELLED_SAMPLES: report.labelled_samples,
+        names.VAL_WALL_S: float(report.val_wall_s),  # this epoch's validation
+        names.STEPS: float(report.steps),
+        **report.best,
+    }
 
 
 def pretrain_metrics(report) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    for name, value in (report.losses or {}).items():
-        metrics[_loss_name("pretrain", name)] = value
-    for name, value in (report.val or {}).items():
-        metrics[_metric_name("pretrain/val", name).replace("pretrain/val/", "pretrain/val_")] = (
-            value
-        )
-    metrics["time/cum_wall_s"] = float(report.cum_wall_s)
-    metrics["time/cum_gpu_s"] = float(report.cum_gpu_s)
-    metrics["time/val_wall_s"] = float(report.val_wall_s)
-    return metrics
+    return {
+        **report.losses,
+        **report.val,
+        names.CUM_WALL_S: float(report.cum_wall_s),
+        names.CUM_GPU_S: float(report.cum_gpu_s),
+        names.VAL_WALL_S: float(report.val_wall_s),
+    }
 
 
-def _loss_name(prefix: str, name: str) -> str:
-    name = name.replace("/", "_")
-    return f"{prefix}/{name if name.startswith('loss') else 'loss_' + name}"
+def log_datasets(
+    tracker: Tracker, run_id: str, resolved: ResolvedTrial, context: SweepContext
+) -> None:
+    """The trial's inputs as MLflow datasets: the train split (digest: the dataset
+    fingerprint), its labelled subset (its own digest and scene list) and the val split."""
+    from model.data.dataset import split_scenes
+    from model.data.subsets import label_subset
+
+    data = resolved.spec.data
+    root, version = context.dataroot, context.version
+    base = f"{data.source}-{version}"
+    subset = label_subset(
+        split_scenes(root, version, data.train_split),
+        resolved.finetune.label_fraction,
+        resolved.trial.seed,
+    )
+    scenes = list(subset.scenes)
+    fingerprint = context.dataset_fingerprint
+    tracker.log_dataset(
+        run_id, f"{base}-{data.train_split}", fingerprint, root, {"split": data.train_split},
+        "train",
+    )  # fmt: skip
+    tracker.log_dataset(
+        run_id,
+        f"{base}-labels@{resolved.finetune.label_fraction:g}-s{resolved.trial.seed}",
+        stable_hash({"dataset": fingerprint, "scenes": scenes}),
+        root,
+        {"scenes": scenes, "fraction": resolved.finetune.label_fraction},
+        "train_labelled",
+    )
+    tracker.log_dataset(
+        run_id, f"{base}-{data.val_split}", fingerprint, root, {"split": data.val_split},
+        "validation",
+    )  # fmt: skip
 
 
-def _final_metrics(result) -> dict[str, float]:
-    return {_metric_name("val", k): v for k, v in (result.val or {}).items()}
+def log_per_class(tracker: Tracker, run_id: str, val: dict[str, float], epoch: int) -> None:
+    """Per-class IoU as an MLflow table, one row per class and validated epoch (MLflow appends
+    to a logged table), and the last epoch's as CSV, for tools that read files."""
+    rows = [
+        (key[len(names.VAL_IOU_PREFIX) :], value)
+        for key, value in val.items()
+        if key.startswith(names.VAL_IOU_PREFIX)
+    ]
+    if names.VAL_MIOU in val:
+        rows.append((names.MIOU, val[names.VAL_MIOU]))
+    table = {"epoch": [epoch] * len(rows), "class": [c for c, _ in rows]}
+    tracker.log_table(run_id, {**table, "iou": [v for _, v in rows]}, "per_class_iou.json")
+    tracker.log_text(run_id, per_class_csv(val), "per_class_iou.csv")
 
 
-def per_class_csv(final: dict[str, float]) -> str:
+def per_class_csv(val: dict[str, float]) -> str:
     lines = ["class,iou"]
-    for key, value in final.items():
-        if key.startswith("val/IoU_"):
-            lines.append(f"{key[len('val/IoU_') :]},{value:.6f}")
-    if "val/mIoU" in final:
-        lines.append(f"mIoU,{final['val/mIoU']:.6f}")
+    for key, value in val.items():
+        if key.startswith(names.VAL_IOU_PREFIX):
+            lines.append(f"{key[len(names.VAL_IOU_PREFIX) :]},{value:.6f}")
+    if names.VAL_MIOU in val:
+        lines.append(f"mIoU,{val[names.VAL_MIOU]:.6f}")
     return "\n".join(lines) + "\n"
 
 
 # --- process plumbing --------------------------------------------------------------------------
-
-
-def _limit_threads(cpus: float) -> None:
-    """One trial gets `resources.cpu` cores: keep torch's pools inside them."""
-    import torch
-
-    threads = max(1, int(cpus))
-    torch.set_num_threads(threads)
-    with contextlib.suppress(RuntimeError):  # only settable before any inter-op work
-        torch.set_num_interop_threads(1)
 
 
 @contextlib.contextmanager

@@ -1,19 +1,19 @@
 """BEV segmentation metrics, accumulated over a whole split.
 
-Two protocols, two metrics, both returning ``{"mIoU": float, "IoU/<class>": float, ...}``:
+Two protocols, two metrics, both returning ``{"mIoU": float, "IoU_<class>": float, ...}``:
 
 - ``ArgmaxIoU`` (HDMapNet, mutually exclusive classes): the prediction is the argmax over the
   classes; per class, intersection and union are *summed over every cell of every sample of the
   split* and divided once at the end (HDMapNet's ``get_batch_iou`` + ``total_intersects /
   total_union``), not averaged per sample. ``mIoU`` is the mean over the foreground classes:
   for hdmapnet divider, ped_crossing and boundary, background excluded, as HDMapNet reports it.
-  ``IoU/background`` is still reported.
+  ``IoU_background`` is still reported.
 - ``BestThresholdIoU`` (multi-label protocols, BEVFusion's ``BEVMapSegmentation`` metric): per
   class the sigmoid probability is thresholded at each of ``BEVFUSION_THRESHOLDS``; TP, FP and
   FN are summed over the split per (class, threshold); IoU = TP / (TP + FP + FN); a class's IoU
   is its maximum over the thresholds, and ``mIoU`` the mean of those maxima over all classes.
   The threshold is picked on the evaluated split itself, as BEVFusion does (optimistic by
-  construction; ``threshold/<class>`` reports which one won).
+  construction; ``threshold_<class>`` reports which one won).
 
 A class that is absent from both the labels and the predictions of the whole split has no
 defined IoU: it is reported as NaN and left out of ``mIoU`` (HDMapNet's 1e-7 in the
@@ -27,7 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
-IGNORE = 255
+from model.names import IGNORE, MIOU, iou_name
+
 BEVFUSION_THRESHOLDS: tuple[float, ...] = (0.35, 0.40, 0.45, 0.50, 0.55, 0.60, 0.65)
 HDMAPNET_EXCLUDED: tuple[str, ...] = ("background",)
 
@@ -62,9 +63,9 @@ class ArgmaxIoU:
         union = self.confusion.sum(0).double() + self.confusion.sum(1).double() - inter
         out: dict[str, float] = {}
         for c, name in enumerate(self.class_names):
-            out[f"IoU/{name}"] = float(inter[c] / union[c]) if union[c] > 0 else float("nan")
-        out["mIoU"] = _mean_defined(
-            [out[f"IoU/{n}"] for n in self.class_names if n not in self.excluded]
+            out[iou_name(name)] = float(inter[c] / union[c]) if union[c] > 0 else float("nan")
+        out[MIOU] = _mean_defined(
+            [out[iou_name(n)] for n in self.class_names if n not in self.excluded]
         )
         return out
 
@@ -105,12 +106,12 @@ class BestThresholdIoU:
         for c, name in enumerate(self.class_names):
             row = ious[c]
             if torch.isnan(row).all():
-                out[f"IoU/{name}"] = float("nan")
+                out[iou_name(name)] = float("nan")
                 continue
             best = int(torch.nan_to_num(row, nan=-1.0).argmax())
-            out[f"IoU/{name}"] = float(row[best])
-            out[f"threshold/{name}"] = self.threshold_values[best]
-        out["mIoU"] = _mean_defined([out[f"IoU/{n}"] for n in self.class_names])
+            out[iou_name(name)] = float(row[best])
+            out[f"threshold_{name}"] = self.threshold_values[best]
+        out[MIOU] = _mean_defined([out[iou_name(n)] for n in self.class_names])
         return out
 
 

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from model.geometry import BevGrid
+from model.names import IGNORE
 
-IGNORE = 255
 # A ray must descend at least this much per metre along it to count as hitting the ground:
 # rays grazing the horizon meet the plane kilometres away (outside any BEV grid anyway).
 _MIN_DESCENT = 1e-6

@@ -107,7 +107,9 @@ def test_sweep_run_gives_spec_environment_and_provenance(study):
 def test_differing_loss_weights_make_separate_variants(tmp_path):
     trials = [Trial("supervised", 1.0, s, 0.6) for s in (0, 1)]
     for w in ("0.5", "1.0"):
-        trials += [Trial("pretrained", 0.5, s, 0.6, params={"w_temporal": w}) for s in (0, 1)]
+        trials += [
+            Trial("pretrained", 0.5, s, 0.6, params={"pretrain.w_temporal": w}) for s in (0, 1)
+        ]
     study = load_study("toy", build_store(tmp_path, trials), progress=False)
     assert sorted(study.trials["variant"].unique()) == [
         "pretrained (w_temporal=0.5)",

@@ -160,18 +160,22 @@ def build_store(
             tags["bev.pretrain_key"] = f"pk{t.seed}"
             tags["bev.pretrain_run_id"] = pretrain_ids[t.seed]
         run = client.create_run(exp_id, run_name=t.run_name, tags=tags)
+        # The harness's names (model/names.py): the spec's dotted keys; no pretrain.* params
+        # on a supervised trial.
         params = {
             "method": t.method,
-            "label_fraction": f"{t.label_fraction:g}",
+            "variant": f"{t.method}@{t.label_fraction:g}",
+            "finetune.label_fraction": f"{t.label_fraction:g}",
             "labelled_samples": str(labelled),
-            "pretrain_epochs": "2" if pretrained else "0",
-            "finetune_epochs": str(EPOCHS),
-            "w_reproj": "1.0" if pretrained else "0.0",
-            "w_temporal": "0.5" if pretrained else "0.0",
-            "w_bev": "1.0",
+            "finetune.epochs": str(EPOCHS),
+            "finetune.w_bev": "1.0",
             "seed": str(t.seed),
-            "preset": "nano",
-        } | t.params
+            "model.preset": "nano",
+        }
+        if pretrained:
+            params |= {"pretrain.epochs": "2", "pretrain.w_reproj": "1.0"}
+            params |= {"pretrain.w_temporal": "0.5"}
+        params |= t.params
         share = PRETRAIN_WALL_S / sharing[t.seed] if pretrained else 0.0
         full = PRETRAIN_WALL_S if pretrained else 0.0
         metrics = []
@@ -217,7 +221,9 @@ def test_store_trials_carry_the_documented_tags_and_params(toy_store):
         assert {"bev.trial_id", "bev.method", "bev.label_fraction", "bev.seed"} <= set(
             run.data.tags
         )
-        assert {"method", "label_fraction", "labelled_samples", "seed"} <= set(run.data.params)
+        assert {"method", "finetune.label_fraction", "labelled_samples", "seed"} <= set(
+            run.data.params
+        )
         assert {"val/mIoU", "time/cum_wall_s_amortised", "time/cum_gpu_s_incl_pretrain"} <= set(
             run.data.metrics
         )

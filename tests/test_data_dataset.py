@@ -13,7 +13,7 @@ import pytest
 import torch
 from nuscenes.map_expansion.map_api import NuScenesMap
 
-from model.data import prepare
+from model.data import label_cache, prepare
 from model.data.dataset import (
     NuScenesBevDataset,
     collate,
@@ -194,7 +194,7 @@ def test_label_cache_is_reused_and_keyed_by_config(synthetic_root, cache_dir, tr
     assert again.label_cache.root == train_set.label_cache.root
     assert dataset_fingerprint(synthetic_root, VERSION) in train_set.label_cache.root.name
     wider = LabelConfig(grid=GRID, divider_width_m=1.5)
-    other = prepare.LabelCache(cache_dir, train_set.fingerprint, wider)
+    other = label_cache.LabelCache(cache_dir, train_set.fingerprint, wider)
     assert other.root != train_set.label_cache.root
     config = json.loads((train_set.label_cache.root / "config.json").read_text())
     assert config["fingerprint"] == train_set.fingerprint
@@ -202,10 +202,11 @@ def test_label_cache_is_reused_and_keyed_by_config(synthetic_root, cache_dir, tr
 
 def test_parallel_label_build_equals_serial(synthetic_root, train_set, tmp_path, monkeypatch):
     jobs = [
-        prepare.LabelJob(r.sample_token, r.location, r.global_from_ego) for r in train_set.records
+        label_cache.LabelJob(r.sample_token, r.location, r.global_from_ego)
+        for r in train_set.records
     ]
-    monkeypatch.setattr(prepare, "_MIN_LABELS_FOR_POOL", 1)
-    parallel = prepare.LabelCache(tmp_path, train_set.fingerprint, CFG)
+    monkeypatch.setattr(label_cache, "_MIN_LABELS_FOR_POOL", 1)
+    parallel = label_cache.LabelCache(tmp_path, train_set.fingerprint, CFG)
     parallel.ensure(jobs, synthetic_root, num_workers=2, progress=False)
     for job in jobs:
         np.testing.assert_array_equal(
@@ -232,9 +233,9 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(prepare.os, "replace", broken_replace)
+    monkeypatch.setattr(label_cache.os, "replace", broken_replace)
     with pytest.raises(OSError):
-        prepare.atomic_write_bytes(target, b"new")
+        label_cache.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [target]  # no temporary file left behind
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.spec import expand_trials, load_spec, pretrain_groups
+from harness.spec import load_spec
 from harness.sweep import main
+from harness.trials import Trial, expand_trials, pretrain_shares
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -23,47 +24,88 @@ EXPERIMENTS = REPO / "experiments"
 # (spec body, fragments the message must contain). `{file}` is the spec's path.
 BAD_SPECS = {
     "typo_section": (
-        "trainig: {finetune_epochs: 1}",
-        ["{file}: trainig: unknown key 'trainig'", "did you mean 'training'?"],
+        "pretrian: {w_reproj: 1}",
+        ["{file}: pretrian: unknown key 'pretrian'", "did you mean 'pretrain'?"],
     ),
     "typo_nested_key": (
-        "training: {finetune_epoch: 1}",
-        ["{file}: training.finetune_epoch: unknown key", "did you mean 'finetune_epochs'?"],
+        "finetune: {budgett: {value: 1}}",
+        ["{file}: finetune.budgett: unknown key", "did you mean 'budget'?"],
+    ),
+    "typo_deeper_key": (
+        "pretrain: {optim: {lrr: 0.1}}",
+        ["{file}: pretrain.optim.lrr: unknown key", "did you mean 'lr'?"],
     ),
     "wrong_type": (
-        "training: {batch_size: two}",
-        ["{file}: training.batch_size: input should be a valid integer", "got 'two'"],
+        "finetune: {batch_size: two}",
+        ["{file}: finetune.batch_size: input should be a valid integer", "got 'two'"],
     ),
     "fraction_zero": (
-        "search: {label_fraction: [0.5, 0]}",
-        ["{file}: search.label_fraction[1]: must be > 0", "got 0"],
+        "search: {finetune.label_fraction: [0.5, 0]}",
+        ["{file}: search.finetune.label_fraction[1]: 0 is not valid here", "must be > 0"],
     ),
     "fraction_above_one": (
-        "search: {label_fraction: [1.5]}",
-        ["{file}: search.label_fraction[0]: must be <= 1", "got 1.5"],
+        "search: {finetune.label_fraction: [1.5]}",
+        ["{file}: search.finetune.label_fraction[0]: 1.5 is not valid here", "must be <= 1"],
+    ),
+    "duplicate_grid_values": (
+        "search: {finetune.label_fraction: [0.5, 0.5]}",
+        ["{file}: search.finetune.label_fraction[1]: duplicate value 0.5"],
+    ),
+    "search_axis_outside_the_sections": (
+        "search: {seeds: [1, 2]}",
+        ["{file}: search.seeds: a search axis is a dotted path into data, model, pretrain"],
+    ),
+    "search_axis_typo": (
+        "search: {finetune.label_fractoin: [0.5]}",
+        ["{file}: search.finetune.label_fractoin[0]: 0.5 is not valid here", "unknown key"],
+    ),
+    "infinite_lr": (
+        "finetune: {optim: {lr: .inf}}",
+        ["{file}: finetune.optim.lr: input should be a finite number"],
+    ),
+    "huge_budget": (
+        "pretrain: {budget: {value: 1.0e+20}}",
+        ["{file}: pretrain.budget.value: ", "got 1e+20"],
+    ),
+    "budget_too_long": (
+        "pretrain: {budget: {unit: steps, value: 100000000}}",
+        ["{file}: pretrain.budget.value: must be <= 10000000, got 100000000"],
+    ),
+    "budget_unknown_unit": (
+        "finetune: {budget: {unit: hours, value: 2}}",
+        ["{file}: finetune.budget.unit: unknown value 'hours'; allowed: epochs, steps, samples"],
+    ),
+    "budget_not_positive": (
+        "finetune: {budget: {unit: steps, value: 0}}",
+        ["{file}: finetune.budget.value: must be >= 1, got 0"],
+    ),
+    "early_stopping_without_validation": (
+        "finetune: {early_stopping: {patience: 2}, val_every: null}",
+        ["{file}: finetune: finetune.early_stopping needs validation"],
+    ),
+    "no_pretraining_loss": (
+        "pretrain: {w_reproj: 0, w_temporal: 0}",
+        ["{file}: pretrain: pretraining needs pretrain.w_reproj > 0 or pretrain.w_temporal > 0"],
     ),
     "unknown_preset": (
         "model: {preset: nanoo}",
-        [
-            "{file}: model.preset: unknown value 'nanoo'; allowed: base, nano, small, tiny",
-            "did you mean 'nano'?",
-        ],
+        ["{file}: model.preset: unknown preset 'nanoo'; allowed: base, nano, small, tiny"],
     ),
     "unknown_model_override": (
         "model: {preset: nano, overrides: {embed_dims: 32}}",
-        ["{file}: model.overrides.embed_dims: unknown key", "did you mean 'embed_dim'?"],
+        ["{file}: model: model.overrides: unknown key 'embed_dims'"],
     ),
     "invalid_model_override": (
         "model: {preset: nano, overrides: {embed_dim: 30, num_heads: 4}}",
-        ["{file}: model.overrides: not a valid model", "divisible by num_heads"],
+        ["{file}: model: model.overrides: not a valid model", "divisible by num_heads"],
     ),
     "nuscenes_without_dataroot": (
         "data: {source: nuscenes}",
-        ["{file}: data.dataroot: required when data.source is 'nuscenes'"],
+        ["{file}: data: data.dataroot is required when data.source is 'nuscenes'"],
     ),
     "nuscenes_with_synthetic_pseudo_labels": (
         "data: {source: nuscenes, dataroot: /data/nuscenes, pseudo_labels: synthetic}",
-        ["{file}: data.pseudo_labels: 'synthetic' pseudo-labels exist only for synthetic data"],
+        ["{file}: data: data.pseudo_labels: 'synthetic' pseudo-labels exist only for synthetic"],
     ),
     "unknown_source": (
         "data: {source: nuscene}",
@@ -84,21 +126,42 @@ BAD_SPECS = {
     ),
     "optuna_param_typo": (
         "methods: [pretrained]\n"
-        "search: {optuna: {params: {w_reprj: {type: uniform, low: 0, high: 1}}}}",
-        ["{file}: search.optuna.params.w_reprj: unknown key 'w_reprj'", "did you mean 'w_reproj'?"],
+        "optuna: {params: {pretrain.w_reprj: {type: uniform, low: 0, high: 1}}}",
+        ["{file}: optuna.params.pretrain.w_reprj: 0.0 is not valid here", "unknown key"],
     ),
     "optuna_incomplete_distribution": (
         "methods: [pretrained]\n"
-        "search: {optuna: {params: {w_reproj: {type: loguniform, low: 0.1}}}}",
-        ["{file}: search.optuna.params.w_reproj.high: required for type 'loguniform'"],
+        "optuna: {params: {pretrain.w_reproj: {type: loguniform, low: 0.1}}}",
+        ["{file}: optuna.params.pretrain.w_reproj.high: required for type 'loguniform'"],
     ),
     "optuna_with_baseline": (
-        "search: {optuna: {params: {w_reproj: {type: uniform, low: 0, high: 1}}}}",
-        ["{file}: methods: an Optuna search over loss weights needs methods: [pretrained]"],
+        "optuna: {params: {pretrain.w_reproj: {type: uniform, low: 0, high: 1}}}",
+        ["{file}: methods: an Optuna search needs methods: [pretrained]"],
     ),
     "negative_gpu": ("resources: {gpu: -1}", ["{file}: resources.gpu: must be >= 0"]),
-    "not_yaml": ("training: {batch_size: [1, 2}", ["{file}: not valid YAML (line 2, column 29)"]),
+    "not_yaml": ("finetune: {batch_size: [1, 2}", ["{file}: not valid YAML (line 2, column 29)"]),
     "not_a_mapping": ("- a\n- b", ["{file}: the spec must be a mapping of sections, got list"]),
+    # Old-style specs (before the core's configs became the sections): named, never migrated.
+    "old_training_section": (
+        "training: {finetune_epochs: 1}",
+        ["{file}: training.finetune_epochs: renamed; use finetune.budget"],
+    ),
+    "old_training_lr": (
+        "training: {lr: 0.001}",
+        ["{file}: training.lr: renamed; use pretrain.optim.lr and finetune.optim.lr"],
+    ),
+    "old_training_options": (
+        "training: {options: {reproj_stride: 1}}",
+        ["{file}: training.options.reproj_stride: renamed; use pretrain.reprojection.stride"],
+    ),
+    "old_search_axis": (
+        "search: {label_fraction: [0.5]}",
+        ["{file}: search.label_fraction: renamed; use search.finetune.label_fraction"],
+    ),
+    "old_optuna_place": (
+        "methods: [pretrained]\nsearch: {optuna: {params: {}}}",
+        ["{file}: search.optuna: renamed; use optuna"],
+    ),
 }
 
 
@@ -128,9 +191,16 @@ def test_bad_spec_exits_2_with_a_precise_message_and_creates_nothing(
 
 
 def test_set_override_with_a_typo_is_reported_like_a_spec_error(tmp_path, capsys):
-    spec_path = write_spec(tmp_path, "training: {finetune_epochs: 1}")
-    assert main([str(spec_path), "--set", "training.finetune_epoch=2", "--dry-run"]) == 2
-    assert "training.finetune_epoch: unknown key" in capsys.readouterr().err
+    spec_path = write_spec(tmp_path, "finetune: {budget: {value: 1}}")
+    assert main([str(spec_path), "--set", "finetune.budget.vale=2", "--dry-run"]) == 2
+    assert "finetune.budget.vale: unknown key" in capsys.readouterr().err
+
+
+def test_an_empty_spec_is_an_error_not_a_default_study(tmp_path, capsys):
+    spec_path = tmp_path / "empty.yaml"
+    spec_path.write_text("# nothing here\n")
+    assert main([str(spec_path), "--dry-run"]) == 2
+    assert f"{spec_path}: the spec is empty" in capsys.readouterr().err
 
 
 def test_missing_spec_file_exits_2(tmp_path, capsys):
@@ -154,47 +224,82 @@ def test_console_entry_point_reports_a_bad_spec_with_exit_status_2(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 2
-    assert f"{spec_path}: model.preset: unknown value 'huge'" in proc.stderr
+    assert f"{spec_path}: model.preset: unknown preset 'huge'" in proc.stderr
     assert not (tmp_path / "studies").exists()
 
 
 # --- valid specs ---------------------------------------------------------------------------------
 
 
+def trials_of(tmp_path, body: str) -> list:
+    spec = load_spec(write_spec(tmp_path, body))
+    return [t.resolve(spec) for t in expand_trials(spec)]
+
+
 def test_grid_crosses_fractions_methods_and_seeds_and_shares_pretraining_per_seed(tmp_path):
-    spec = load_spec(
-        write_spec(
-            tmp_path,
-            "search: {label_fraction: [0.1, 0.25, 0.5, 1.0]}\nseeds: [0, 1, 2]\n"
-            "methods: [supervised, pretrained]",
-        )
+    trials = trials_of(
+        tmp_path,
+        "search: {finetune.label_fraction: [0.1, 0.25, 0.5, 1.0]}\nseeds: [0, 1, 2]\n"
+        "methods: [supervised, pretrained]",
     )
-    trials = expand_trials(spec)
     assert len(trials) == 4 * 2 * 3
-    groups = pretrain_groups(trials)
-    assert len(groups) == 3  # one pretraining per seed, shared by its 4 label fractions
-    assert set(groups.values()) == {4}
-    supervised = [t for t in trials if t.method == "supervised"]
-    assert all(t.pretrain_epochs == 0 and t.pretrain_group is None for t in supervised)
+    shares = pretrain_shares(trials, "fingerprint")
+    assert len(shares) == 3  # one pretraining per seed, shared by its 4 label fractions
+    assert set(shares.values()) == {4}
+    supervised = [t for t in trials if t.trial.method == "supervised"]
+    assert all(t.pretrain is None and t.pretrain_key("x") is None for t in supervised)
 
 
 def test_supervised_baseline_is_not_repeated_for_every_pretraining_variant(tmp_path):
-    spec = load_spec(
-        write_spec(tmp_path, "search: {label_fraction: [0.5], w_reproj: [0.5, 1.0, 2.0]}")
+    trials = trials_of(
+        tmp_path, "search: {finetune.label_fraction: [0.5], pretrain.w_reproj: [0.5, 1.0, 2.0]}"
     )
-    trials = expand_trials(spec)
-    assert [t.method for t in trials].count("supervised") == 1
-    assert sorted(t.w_reproj for t in trials if t.method == "pretrained") == [0.5, 1.0, 2.0]
+    assert [t.trial.method for t in trials].count("supervised") == 1
+    pretrained = [t for t in trials if t.trial.method == "pretrained"]
+    assert sorted(t.pretrain.w_reproj for t in pretrained) == [0.5, 1.0, 2.0]
+    assert len(pretrain_shares(trials, "fingerprint")) == 3
+
+
+def test_a_trial_is_its_overrides_resolved_with_the_spec_model(tmp_path):
+    body = "pretrain: {w_temporal: 0.3}\nfinetune: {budget: {value: 3}}"
+    spec = load_spec(write_spec(tmp_path, body))
+    trial = Trial("pretrained", 1, (("pretrain.w_reproj", 2.0), ("finetune.label_fraction", 0.5)))
+    resolved = trial.resolve(spec)
+    assert (resolved.pretrain.w_reproj, resolved.pretrain.w_temporal) == (2.0, 0.3)
+    assert (resolved.finetune.label_fraction, resolved.finetune.budget.value) == (0.5, 3)
+    assert resolved.variant == "pretrained@0.5" and resolved.name == "pretrained@0.5-w_reproj=2-s1"
+    assert Trial.from_dict(trial.to_dict()) == trial
+
+
+def test_the_pretraining_key_depends_on_pretraining_data_model_and_seed_only(tmp_path):
+    spec = load_spec(write_spec(tmp_path, "seeds: [0]"))
+
+    def key(*overrides, seed=0):
+        return Trial("pretrained", seed, tuple(overrides)).resolve(spec).pretrain_key("fp")
+
+    base = key()
+    assert key(("finetune.label_fraction", 0.5), ("finetune.w_bev", 2.0)) == base
+    assert key(("finetune.optim.lr", 0.1)) == base
+    assert key(("pretrain.optim.lr", 0.1)) != base
+    assert key(("pretrain.reprojection.stride", 1)) != base
+    assert key(("data.max_val_samples", 4)) != base
+    assert key(("model.overrides", {"embed_dim": 32, "num_heads": 4})) != base
+    assert key(seed=1) != base
 
 
 def test_set_overrides_parse_values_as_yaml(tmp_path):
     spec = load_spec(
-        write_spec(tmp_path, ""),
-        ["seeds=[3, 4]", "training.lr=0.01", "search.label_fraction=[0.5]", "resources.cpu=2"],
+        write_spec(tmp_path, "seeds: [0]"),
+        [
+            "seeds=[3, 4]",
+            "finetune.optim.lr=0.01",
+            "search.finetune.label_fraction=[0.5]",
+            "resources.cpu=2",
+        ],
     )
     assert spec.seeds == [3, 4]
-    assert spec.training.lr == 0.01
-    assert spec.search.label_fraction == [0.5]
+    assert spec.finetune.optim.lr == 0.01 and spec.pretrain.optim.lr == 2e-4
+    assert spec.search == {"finetune.label_fraction": [0.5]}
     assert spec.resources.cpu == 2
 
 
@@ -217,26 +322,26 @@ def test_shipped_studies_are_valid_and_dry_run(path, capsys):
 
 def test_label_fraction_study_runs_24_trials_on_3_shared_pretrainings():
     spec = load_spec(EXPERIMENTS / "label_fraction.yaml")
-    trials = expand_trials(spec)
-    assert sorted({t.label_fraction for t in trials}) == [0.1, 0.25, 0.5, 1.0]
-    assert {t.method for t in trials} == {"supervised", "pretrained"}
-    assert sorted({t.seed for t in trials}) == [0, 1, 2]
+    trials = [t.resolve(spec) for t in expand_trials(spec)]
+    assert sorted({t.finetune.label_fraction for t in trials}) == [0.1, 0.25, 0.5, 1.0]
+    assert {t.trial.method for t in trials} == {"supervised", "pretrained"}
+    assert sorted({t.trial.seed for t in trials}) == [0, 1, 2]
     assert spec.model.preset == "nano" and spec.data.source == "synthetic"
     assert len(trials) == 24
-    assert len(pretrain_groups(trials)) == 3
+    assert len(pretrain_shares(trials, "fingerprint")) == 3
 
 
 def test_dry_run_prints_one_row_per_trial_and_the_pretraining_count(tmp_path, capsys):
-    spec_path = write_spec(tmp_path, "search: {label_fraction: [0.5, 1.0]}\nseeds: [0, 1]")
+    spec_path = write_spec(tmp_path, "search: {finetune.label_fraction: [0.5, 1.0]}\nseeds: [0, 1]")
     assert main([str(spec_path), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     header = out[1].split()
-    assert header == [
-        "#", "method", "label_fraction", "pretrain_epochs", "finetune_epochs",
-        "w_bev", "w_reproj", "w_temporal", "seed", "pretraining",
-    ]  # fmt: skip
+    assert header == ["#", "method", "finetune.label_fraction", "seed", "pretraining"]
     rows = [line.split() for line in out[2:-1]]
     assert len(rows) == 8
     assert {r[1] for r in rows} == {"supervised", "pretrained"}
-    assert out[-1] == "8 trials; 2 pretraining runs, shared by 4 pretrained trials"
+    assert out[-1] == (
+        "8 trials; 2 pretraining runs, shared by 4 pretrained trials; "
+        "pretrain.budget 2 epochs, finetune.budget 2 epochs"
+    )
     assert not (tmp_path / "studies").exists()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import SMALL_SYNTHETIC
 
@@ -64,8 +65,9 @@ def write_study(folder: Path, name: str, **sections) -> Sweep:
         "storage_path": str(storage),
         "data": {"source": "synthetic", "synthetic": _generator_args()},
         "model": {"preset": "nano"},
-        "training": {"pretrain_epochs": 1, "finetune_epochs": 2, "batch_size": 2},
-        "search": {"label_fraction": [0.5, 1.0]},
+        "pretrain": {"budget": {"value": 1}, "batch_size": 2},
+        "finetune": {"budget": {"value": 2}, "batch_size": 2},
+        "search": {"finetune.label_fraction": [0.5, 1.0]},
         "methods": ["supervised", "pretrained"],
         "seeds": [0],
         "resources": {"cpu": 1},
@@ -128,16 +130,23 @@ def test_sweep_logs_one_finished_run_per_trial_with_the_documented_params(small_
     assert len(trials) == 4
     assert {r.info.status for r in trials} == {"FINISHED"}
     assert len({r.data.tags["bev.trial_id"] for r in trials}) == 4
-    cells = {(r.data.params["method"], float(r.data.params["label_fraction"])) for r in trials}
+    cells = {
+        (r.data.params["method"], float(r.data.params["finetune.label_fraction"])) for r in trials
+    }
     assert cells == {(m, f) for m in ("supervised", "pretrained") for f in (0.5, 1.0)}
     for run in trials:
         params, tags = run.data.params, run.data.tags
-        for name in ("labelled_samples", "pretrain_epochs", "finetune_epochs", "w_reproj",
-                     "w_temporal", "w_bev", "seed", "preset"):  # fmt: skip
+        pretrained = params["method"] == "pretrained"
+        # The spec's dotted names; a supervised trial has no pretraining params.
+        for name in ("labelled_samples", "finetune.budget.value", "finetune.w_bev", "seed",
+                     "model.preset", "finetune.optim.lr", "runtime.device"):  # fmt: skip
             assert name in params, name
-        assert params["preset"] == "nano" and params["finetune_epochs"] == "2"
+        for name in ("pretrain.budget.value", "pretrain.w_reproj", "pretrain.w_temporal"):
+            assert (name in params) == pretrained, name
+        assert params["model.preset"] == "nano" and params["finetune.budget.value"] == "2"
+        assert params["variant"] == f"{params['method']}@{tags['bev.label_fraction']}"
         assert tags["bev.method"] == params["method"] and tags["bev.seed"] == "0"
-        assert float(tags["bev.label_fraction"]) == float(params["label_fraction"])
+        assert float(tags["bev.label_fraction"]) == float(params["finetune.label_fraction"])
         assert int(params["labelled_samples"]) > 0
 
 
@@ -192,7 +201,7 @@ def test_trials_and_pretraining_are_children_of_one_sweep_run_with_provenance(sm
     for name in ("bev.git_commit", "bev.dataset_fingerprint", "bev.config_hash"):
         assert tags[name], name
     assert tags["bev.study"] == "small"
-    assert sweep.data.params["search.label_fraction"] == "[0.5, 1.0]"
+    assert sweep.data.params["search.finetune.label_fraction"] == "[0.5, 1.0]"
     assert sweep.data.metrics["sweep/trials_total"] == 4
     assert sweep.data.metrics["sweep/trials_failed"] == 0
     shares = [sweep.data.metrics[f"sweep/{k}_share"] for k in ("train", "val", "overhead")]
@@ -219,6 +228,42 @@ def test_trials_log_a_per_class_iou_table_and_their_config(small_sweep):
         rows = dict(line.split(",") for line in table.strip().splitlines()[1:])
         assert set(CLASSES[1:]) <= set(rows)
         assert float(rows["mIoU"]) == pytest.approx(run.data.metrics["val/mIoU"], abs=1e-6)
+
+
+def test_mlflow_artifacts_live_in_the_study_folder_with_source_tags_and_kind(small_sweep):
+    client = small_sweep.client()
+    exp = client.get_experiment_by_name(small_sweep.experiment)
+    assert exp.artifact_location == (small_sweep.storage / "artifacts").resolve().as_uri()
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.tags["mlflow.note.content"]  # the study's description
+    for role in ("sweep", "trial", "pretrain"):
+        for run in small_sweep.runs(role):
+            assert run.info.artifact_uri.startswith(exp.artifact_location), role
+            assert run.data.tags["mlflow.source.git.commit"], role
+            assert run.data.tags["mlflow.source.name"].startswith("harness.sweep"), role
+    assert list((small_sweep.storage / "artifacts").rglob("trial_config.json"))
+
+
+def test_trials_log_datasets_a_model_checkpoint_a_table_and_prediction_images(small_sweep):
+    client = small_sweep.client()
+    for run in small_sweep.runs("trial"):
+        inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+        contexts = {d.tags[0].value for d in inputs.values()}
+        assert contexts == {"train", "train_labelled", "validation"}
+        (labelled,) = [d for d in inputs.values() if d.tags[0].value == "train_labelled"]
+        scenes = json.loads(labelled.dataset.profile)["scenes"]
+        assert len(scenes) == int(run.data.params["labelled_samples"]) // 6  # 6 keyframes a scene
+        where = run.data.tags["bev.model_artifact"]
+        state = torch.load(client.download_artifacts(run.info.run_id, where), weights_only=True)
+        assert state["phase"] == "finetune" and state["epoch"] == 2
+        table = json.loads(Path(client.download_artifacts(run.info.run_id, "per_class_iou.json"))
+                           .read_text())  # fmt: skip
+        assert table["columns"] == ["epoch", "class", "iou"]
+        last = [row for row in table["data"] if row[0] == 2]  # one row per class and epoch
+        assert [row[1] for row in last] == [*CLASSES, "mIoU"]
+        assert last[-1][2] == pytest.approx(run.data.metrics["val/mIoU"])
+        images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+        assert any("bev_prediction" in path for path in images), images
 
 
 def test_trials_log_mlflow_system_metrics(small_sweep):
@@ -273,7 +318,7 @@ def test_a_sweep_killed_with_sigkill_resumes_without_rerunning_finished_trials(t
     sweep = write_study(
         tmp_path,
         "resumable",
-        training={"pretrain_epochs": 1, "finetune_epochs": 3, "batch_size": 2},
+        finetune={"budget": {"value": 3}},
         max_concurrent=1,
         mlflow={"system_metrics": False},
     )
@@ -333,20 +378,18 @@ def test_a_sweep_killed_with_sigkill_resumes_without_rerunning_finished_trials(t
 
 @pytest.mark.slow
 def test_an_optuna_search_with_asha_samples_weights_in_bounds_and_pretrains_per_sample(tmp_path):
-    bounds = {"w_reproj": (0.1, 10.0), "w_temporal": (0.01, 1.0)}
+    bounds = {"pretrain.w_reproj": (0.1, 10.0), "pretrain.w_temporal": (0.01, 1.0)}
     sweep = write_study(
         tmp_path,
         "search",
-        training={"pretrain_epochs": 1, "finetune_epochs": 3, "batch_size": 2},
-        search={
-            "label_fraction": [0.5],
-            "optuna": {
-                "num_samples": 3,
-                "seed": 0,
-                "params": {
-                    name: {"type": "loguniform", "low": low, "high": high}
-                    for name, (low, high) in bounds.items()
-                },
+        finetune={"budget": {"value": 3}},
+        search={"finetune.label_fraction": [0.5]},
+        optuna={
+            "num_samples": 3,
+            "seed": 0,
+            "params": {
+                name: {"type": "loguniform", "low": low, "high": high}
+                for name, (low, high) in bounds.items()
             },
         },
         methods=["pretrained"],
@@ -357,7 +400,8 @@ def test_an_optuna_search_with_asha_samples_weights_in_bounds_and_pretrains_per_
 
     trials = sweep.runs("trial")
     assert len(trials) == 3 and {r.info.status for r in trials} == {"FINISHED"}
-    sampled = {(r.data.params["w_reproj"], r.data.params["w_temporal"]) for r in trials}
+    pair = ("pretrain.w_reproj", "pretrain.w_temporal")
+    sampled = {tuple(r.data.params[k] for k in pair) for r in trials}
     assert len(sampled) == 3  # Optuna proposed three different weight pairs
     for run in trials:
         for name, (low, high) in bounds.items():
@@ -369,9 +413,50 @@ def test_an_optuna_search_with_asha_samples_weights_in_bounds_and_pretrains_per_
             assert run.data.tags.get("bev.stopped_early") == "true"
     pretrainings = sweep.runs("pretrain")
     assert len(pretrainings) == 3  # each sampled weight pair needs its own pretraining
-    assert {(p.data.params["w_reproj"], p.data.params["w_temporal"]) for p in pretrainings} == (
-        sampled
+    assert {tuple(p.data.params[k] for k in pair) for p in pretrainings} == sampled
+
+
+@pytest.mark.slow
+def test_step_budgets_compute_matching_and_early_stopping_in_a_sweep(tmp_path):
+    stopping = {"patience": 1, "min_delta": 1.0}  # nothing beats the first validation by 1.0
+    sweep = write_study(
+        tmp_path,
+        "protocol",
+        finetune={"budget": {"unit": "steps", "value": 6, "every": 2}, "batch_size": 2},
+        search={
+            "finetune.label_fraction": [0.25, 1.0],
+            "finetune.early_stopping": [None, stopping],
+        },
+        methods=["supervised", "supervised_matched"],
+        data={"source": "synthetic", "synthetic": _generator_args(), "max_val_samples": 2},
+        max_concurrent=2,
+        mlflow={"system_metrics": False},
     )
+    assert_ok(run_sweep(sweep))
+
+    trials = sweep.runs("trial")
+    assert len(trials) == 8 and {r.info.status for r in trials} == {"FINISHED"}
+    by_cell = {}
+    for run in trials:
+        p = run.data.params
+        stops = "finetune.early_stopping.patience" in p
+        key = (p["method"], float(p["finetune.label_fraction"]), stops)
+        by_cell[key] = run
+    steps = {k: r.data.metrics["train/steps"] for k, r in by_cell.items()}
+    # Equal steps at 25 % and 100 % of the labels: the budget is in steps, not epochs.
+    assert steps[("supervised", 0.25, False)] == steps[("supervised", 1.0, False)] == 6
+    # The matched arm gets its twin's pretraining on top: 1 epoch over the 4 train scenes of
+    # 6 keyframes at batch 2 = 12 steps (whole, the default).
+    for fraction in (0.25, 1.0):
+        run = by_cell[("supervised_matched", fraction, False)]
+        assert run.data.params["finetune.extra_steps"] == "12"
+        assert run.data.metrics["train/steps"] == 6 + 12
+    # Early stopping stops after its patience and logs the best epoch under its own name.
+    stopped = by_cell[("supervised", 1.0, True)]
+    assert stopped.data.metrics["best/epoch"] == 1
+    assert stopped.data.metrics["train/steps"] == 4  # periods of 2 steps, stopped after 2
+    assert stopped.data.tags.get("bev.stopped_early") == "true"
+    assert "best/val_mIoU" in stopped.data.metrics and "val/mIoU" in stopped.data.metrics
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -387,8 +472,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_a_failing_trial_is_retried_then_recorded_failed_while_the_others_finish(tmp_path):
-    from harness.spec import expand_trials, load_spec
-    from harness.trial import SweepContext, pretrain_key
+    from harness.spec import load_spec
+    from harness.trials import expand_trials
     from model.data.dataset import dataset_fingerprint
     from model.data.synthetic import generate_dataset
 
@@ -398,7 +483,7 @@ def test_a_failing_trial_is_retried_then_recorded_failed_while_the_others_finish
         tmp_path,
         "faulty",
         data={"source": "synthetic", "dataroot": str(dataroot)},
-        search={"label_fraction": [1.0]},
+        search={"finetune.label_fraction": [1.0]},
         retries=1,
         max_concurrent=1,
         mlflow={"system_metrics": False},
@@ -406,12 +491,8 @@ def test_a_failing_trial_is_retried_then_recorded_failed_while_the_others_finish
     # A corrupt entry in the pretraining cache: the pretrained trial fails to load it.
     spec = load_spec(sweep.spec_path)
     (pretrained,) = [t for t in expand_trials(spec) if t.method == "pretrained"]
-    context = SweepContext(
-        study="faulty", tracking_uri="", experiment="faulty", sweep_run_id="", storage_dir="",
-        dataroot=str(dataroot), version="v1.0-mini",
-        dataset_fingerprint=dataset_fingerprint(dataroot, "v1.0-mini"), spec={},
-    )  # fmt: skip
-    entry = sweep.storage / "pretrain" / pretrain_key(pretrained, spec, context)
+    fingerprint = dataset_fingerprint(dataroot, "v1.0-mini")
+    entry = sweep.storage / "pretrain" / pretrained.resolve(spec).pretrain_key(fingerprint)
     entry.mkdir(parents=True)
     (entry / "checkpoint.pt").write_bytes(b"not a checkpoint")
     (entry / "entry.json").write_text(
@@ -500,8 +581,8 @@ def test_a_sweep_runs_on_an_existing_two_node_cluster_given_by_address(tmp_path,
     sweep = write_study(
         tmp_path,
         "clustered",
-        search={"label_fraction": [1.0]},
-        training={"pretrain_epochs": 1, "finetune_epochs": 1, "batch_size": 2},
+        search={"finetune.label_fraction": [1.0]},
+        finetune={"budget": {"value": 1}},
         mlflow={"system_metrics": False},
     )
 

@@ -26,7 +26,7 @@ def test_argmax_iou_sums_intersection_and_union_over_the_split_before_dividing()
     metric.update(one_hot_logits(pred1), target1)
     metric.update(one_hot_logits(pred2), target2)
     out = metric.compute()
-    assert out["IoU/divider"] == 1 / 4
+    assert out["IoU_divider"] == 1 / 4
 
 
 def test_argmax_miou_is_the_foreground_mean_without_background():
@@ -35,10 +35,10 @@ def test_argmax_miou_is_the_foreground_mean_without_background():
     metric = ArgmaxIoU(NAMES)
     metric.update(one_hot_logits(pred), target)
     out = metric.compute()
-    assert out["IoU/background"] == 2 / 3
-    assert out["IoU/divider"] == 1 / 3
-    assert out["IoU/ped_crossing"] == 1.0
-    assert out["IoU/boundary"] == 1 / 2
+    assert out["IoU_background"] == 2 / 3
+    assert out["IoU_divider"] == 1 / 3
+    assert out["IoU_ped_crossing"] == 1.0
+    assert out["IoU_boundary"] == 1 / 2
     assert math.isclose(out["mIoU"], (1 / 3 + 1.0 + 1 / 2) / 3)
 
 
@@ -47,7 +47,7 @@ def test_argmax_iou_of_a_class_absent_everywhere_is_nan_and_left_out_of_the_mean
     metric = ArgmaxIoU(NAMES)
     metric.update(one_hot_logits(target), target)
     out = metric.compute()
-    assert math.isnan(out["IoU/ped_crossing"]) and math.isnan(out["IoU/boundary"])
+    assert math.isnan(out["IoU_ped_crossing"]) and math.isnan(out["IoU_boundary"])
     assert out["mIoU"] == 1.0
 
 
@@ -56,7 +56,7 @@ def test_argmax_iou_skips_ignored_cells():
     pred = torch.tensor([[[1, 1, 1, 0]]])
     metric = ArgmaxIoU(NAMES)
     metric.update(one_hot_logits(pred), target)
-    assert metric.compute()["IoU/divider"] == 1.0
+    assert metric.compute()["IoU_divider"] == 1.0
 
 
 def test_best_threshold_iou_takes_the_best_threshold_per_class():
@@ -66,8 +66,8 @@ def test_best_threshold_iou_takes_the_best_threshold_per_class():
     metric = BestThresholdIoU(["a", "b"])
     metric.update(torch.logit(prob), target)
     out = metric.compute()
-    assert out["IoU/a"] == 1.0 and out["threshold/a"] in (0.55, 0.60)
-    assert out["IoU/b"] == 1.0 and out["threshold/b"] == 0.35
+    assert out["IoU_a"] == 1.0 and out["threshold_a"] in (0.55, 0.60)
+    assert out["IoU_b"] == 1.0 and out["threshold_b"] == 0.35
     assert out["mIoU"] == 1.0
 
 
@@ -80,7 +80,7 @@ def test_best_threshold_iou_accumulates_counts_over_the_split():
     metric = BestThresholdIoU(["a"], thresholds=[0.5])
     metric.update(torch.tensor([[[[5.0, 5.0]]]]), torch.tensor([[[[1.0, 0.0]]]]))  # TP, FP
     metric.update(torch.tensor([[[[-5.0, 5.0]]]]), torch.tensor([[[[1.0, 1.0]]]]))  # FN, TP
-    assert metric.compute()["IoU/a"] == 2 / 4
+    assert metric.compute()["IoU_a"] == 2 / 4
 
 
 def test_make_metric_follows_the_protocol():

@@ -10,29 +10,30 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.class_weights import pseudo_label_class_weights
+from model.config import (
+    DataConfig,
+    EpochReport,
+    FinetuneConfig,
+    OptimConfig,
+    PretrainConfig,
+    RuntimeConfig,
+)
 from model.data.dataset import NuScenesBevDataset, make_loader, split_scenes
 from model.data.labels import LabelConfig
 from model.data.subsets import label_subset
+from model.loop import evaluate, lr_factor
 from model.losses import NonFiniteLossError
+from model.names import IGNORE
 from model.presets import get_preset
 from model.reprojection import reproject
-from model.train import (
-    DataConfig,
-    EpochReport,
-    TrainConfig,
-    evaluate,
-    evaluate_checkpoint,
-    finetune,
-    load_model,
-    lr_factor,
-    pretrain,
-    pseudo_label_class_weights,
-    rotate_ego_frame,
-)
+from model.train import evaluate_checkpoint, finetune, load_model, pretrain
+from model.warp import rotate_ego_frame
 
 # Small images keep a nano step around 0.2 s on one core.
 NANO = get_preset("nano", image_size=(48, 80))
-FAST = dict(batch_size=2, lr=2e-3, progress=False, device="cpu")
+FAST = dict(batch_size=2, optim=OptimConfig(lr=2e-3))
+CPU = RuntimeConfig(device="cpu", progress=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -79,9 +80,10 @@ def data_config(root, cache_dir, **kw) -> DataConfig:
 def pretrained(study_root, cache_dir, tmp_path_factory):
     """Two epochs of pretraining on the study dataroot: (checkpoint, epoch reports)."""
     reports: list[EpochReport] = []
-    train = TrainConfig(pretrain_epochs=2, **FAST)
+    cfg = PretrainConfig(budget={"value": 2}, **FAST)
     out = tmp_path_factory.mktemp("pretrain")
-    checkpoint = pretrain(data_config(study_root, cache_dir), NANO, train, out, reports.append)
+    data = data_config(study_root, cache_dir)
+    checkpoint = pretrain(data, NANO, cfg, out, runtime=CPU, on_epoch=reports.append)
     return checkpoint, reports
 
 
@@ -108,12 +110,14 @@ def chance_miou(dataset, num_classes: int = 4) -> float:
 
 def test_nano_overfits_a_few_synthetic_samples(tiny_root, cache_dir, tmp_path):
     # Plain cross-entropy: class weights trade train-set precision for recall on unseen scenes.
-    train = TrainConfig(finetune_epochs=72, val_every=0, warmup_iters=5, bev_class_weights=None,
-                        **{**FAST, "lr": 3e-3})  # fmt: skip
+    cfg = FinetuneConfig(budget={"value": 72}, val_every=0, bev_class_weights=None,
+                         label_fraction=0.5, batch_size=2,
+                         optim=OptimConfig(lr=3e-3, warmup_iters=5))  # fmt: skip
     data = data_config(tiny_root, cache_dir)
-    result = finetune(data, NANO, train, tmp_path, label_fraction=0.5, subset_seed=0)
+    result = finetune(data, NANO, cfg, tmp_path, seed=0, runtime=CPU)
     assert result.labelled_samples == 2  # one scene of two keyframes: one step per epoch
-    first, last = result.history[0].losses["loss"], result.history[-1].losses["loss"]
+    first = result.history[0].losses["train/loss"]
+    last = result.history[-1].losses["train/loss"]
     assert first / last > 5.0
 
     labelled = bev_dataset(tiny_root, cache_dir, "train", scenes=result.labelled_scenes)
@@ -125,18 +129,18 @@ def test_nano_overfits_a_few_synthetic_samples(tiny_root, cache_dir, tmp_path):
 def test_pretraining_learns_from_pseudo_labels_alone(pretrained):
     checkpoint, reports = pretrained
     assert [(r.phase, r.epoch) for r in reports] == [("pretrain", 1), ("pretrain", 2)]
-    assert set(reports[0].losses) == {"loss", "loss_reproj", "loss_temporal"}  # no BEV term
-    # Class-weighted CE (reproj_class_weights="auto") starts higher and falls more slowly
-    # than plain CE, which would drop fast by predicting road everywhere.
-    assert reports[1].losses["loss_reproj"] < 0.9 * reports[0].losses["loss_reproj"]
+    losses = {"pretrain/loss", "pretrain/loss_reproj", "pretrain/loss_temporal"}
+    assert set(reports[0].losses) == losses  # no BEV term
+    # Class-weighted CE (reprojection.class_weights="auto") starts higher and falls more
+    # slowly than plain CE, which would drop fast by predicting road everywhere.
+    first, second = (r.losses["pretrain/loss_reproj"] for r in reports)
+    assert second < 0.9 * first
     assert all(r.labelled_samples == 0 for r in reports)
-    assert "mIoU" in reports[-1].val  # the pretrained head alone, on val
+    assert "pretrain/val_mIoU" in reports[-1].val  # the pretrained head alone, on val
     assert reports[-1].checkpoint == str(checkpoint)
 
 
 def test_auto_reprojection_weights_balance_the_pseudo_label_pixels(study_root, cache_dir):
-    from model.data.pseudo_labels import IGNORE
-
     grid = data_config(study_root, cache_dir).label_grid(NANO)
     dataset = NuScenesBevDataset(study_root, "v1.0-mini", "train", NANO.image_size,
                                  LabelConfig("hdmapnet", grid), pseudo_labels="synthetic",
@@ -156,30 +160,30 @@ def test_a_pretraining_checkpoint_records_the_reprojection_weights_it_used(pretr
     checkpoint, _ = pretrained
     state = load_checkpoint(checkpoint)
     assert len(state["reproj_class_weights"]) == 4 and state["reproj_class_weights"][0] == 1.0
-    assert state["train_cfg"]["reproj_class_weights"] == "auto"
+    assert state["phase_cfg"]["reprojection"]["class_weights"] == "auto"
 
 
 def test_pretrain_then_finetune_beats_chance_on_val(study_root, cache_dir, pretrained, tmp_path):
     checkpoint, _ = pretrained
     data = data_config(study_root, cache_dir)
-    train = TrainConfig(finetune_epochs=6, val_every=0, **FAST)
-    result = finetune(data, NANO, train, tmp_path, 1.0, 0, init_checkpoint=checkpoint)
-    assert set(result.history[-1].losses) == {"loss", "loss_bev"}
-    assert set(result.val) >= {"mIoU", "IoU/divider", "IoU/ped_crossing", "IoU/boundary"}
+    cfg = FinetuneConfig(budget={"value": 6}, val_every=0, **FAST)
+    result = finetune(data, NANO, cfg, tmp_path, seed=0, init_checkpoint=checkpoint, runtime=CPU)
+    assert set(result.history[-1].losses) == {"train/loss", "train/loss_bev"}
+    classes = {"val/IoU_divider", "val/IoU_ped_crossing", "val/IoU_boundary"}
+    assert set(result.val) >= {"val/mIoU", *classes}
     chance = chance_miou(bev_dataset(study_root, cache_dir, "val"))
-    assert result.val["mIoU"] > chance
+    assert result.val["val/mIoU"] > chance
 
 
-def test_the_pretrained_head_is_evaluated_without_finetuning(
-    study_root, cache_dir, pretrained, tmp_path
-):
-    checkpoint, _ = pretrained
-    data = data_config(study_root, cache_dir, max_val_samples=4)
-    train = TrainConfig(finetune_epochs=0, **FAST)
-    direct = evaluate_checkpoint(data, checkpoint, train)
-    via_finetune = finetune(data, NANO, train, tmp_path, 1.0, 0, checkpoint)
-    assert via_finetune.epochs == 0 and via_finetune.val == direct
-    assert 0.0 <= direct["mIoU"] <= 1.0
+def test_the_pretrained_head_is_evaluated_without_finetuning(study_root, cache_dir, pretrained):
+    checkpoint, reports = pretrained
+    data = data_config(study_root, cache_dir)
+    direct = evaluate_checkpoint(data, checkpoint, runtime=CPU)
+    # The same numbers as the pretraining's own last validation, under the trial's names.
+    assert direct == {
+        key.replace("pretrain/val_", "val/"): value for key, value in reports[-1].val.items()
+    }
+    assert 0.0 <= direct["val/mIoU"] <= 1.0
 
 
 # --- bookkeeping ---------------------------------------------------------------------------------
@@ -190,13 +194,13 @@ def test_epoch_reports_carry_clocks_labelled_samples_and_a_loadable_checkpoint(
 ):
     data = data_config(study_root, cache_dir, max_val_samples=2)
     reports: list[EpochReport] = []
-    train = TrainConfig(finetune_epochs=2, **FAST)
-    result = finetune(data, NANO, train, tmp_path, 0.25, 3, on_epoch=reports.append)
+    cfg = FinetuneConfig(budget={"value": 2}, label_fraction=0.25, **FAST)
+    result = finetune(data, NANO, cfg, tmp_path, seed=3, runtime=CPU, on_epoch=reports.append)
 
     subset = label_subset(split_scenes(study_root, "v1.0-mini", "train"), 0.25, 3)
     assert result.labelled_scenes == subset.scenes
     assert [r.labelled_samples for r in reports] == [3 * len(subset.scenes)] * 2
-    assert [r.epoch for r in reports] == [1, 2] and all("mIoU" in r.val for r in reports)
+    assert [r.epoch for r in reports] == [1, 2] and all("val/mIoU" in r.val for r in reports)
     assert 0 < reports[0].cum_wall_s < reports[1].cum_wall_s
     assert [r.cum_gpu_s for r in reports] == [0.0, 0.0]  # CPU: no GPU time
     state = load_checkpoint(reports[-1].checkpoint)  # weights_only=True
@@ -216,16 +220,22 @@ def kill_after(epoch: int):
     return on_epoch
 
 
+def straight_and_resumed(data, cfg, tmp_path, runs=("straight",)):
+    """Pretrain uninterrupted (once per name in `runs`), then killed after the first period
+    and resumed in `tmp_path / "resumed"`: the reports of the first run and of the resume."""
+    reports: dict[str, list[EpochReport]] = {name: [] for name in (*runs, "resumed")}
+    for name in runs:
+        pretrain(data, NANO, cfg, tmp_path / name, runtime=CPU, on_epoch=reports[name].append)
+    with pytest.raises(Killed):
+        pretrain(data, NANO, cfg, tmp_path / "resumed", runtime=CPU, on_epoch=kill_after(1))
+    pretrain(data, NANO, cfg, tmp_path / "resumed", runtime=CPU, on_epoch=reports["resumed"].append)
+    return reports[runs[0]], reports["resumed"]
+
+
 def test_a_resumed_pretraining_matches_an_uninterrupted_one(tiny_root, cache_dir, tmp_path):
     data = data_config(tiny_root, cache_dir)
-    train = TrainConfig(pretrain_epochs=2, pretrain_val=False, **FAST)
-    straight: list[EpochReport] = []
-    pretrain(data, NANO, train, tmp_path / "straight", on_epoch=straight.append)
-
-    with pytest.raises(Killed):
-        pretrain(data, NANO, train, tmp_path / "resumed", on_epoch=kill_after(1))
-    resumed: list[EpochReport] = []
-    pretrain(data, NANO, train, tmp_path / "resumed", on_epoch=resumed.append)
+    cfg = PretrainConfig(budget={"value": 2}, val_every=None, **FAST)
+    straight, resumed = straight_and_resumed(data, cfg, tmp_path)
 
     assert [r.epoch for r in resumed] == [2]
     assert resumed[0].losses == straight[1].losses
@@ -233,19 +243,19 @@ def test_a_resumed_pretraining_matches_an_uninterrupted_one(tiny_root, cache_dir
     b = load_checkpoint(tmp_path / "resumed" / "pretrain.pt")["model"]
     assert all(torch.equal(a[name], b[name]) for name in a)
     again: list[EpochReport] = []
-    pretrain(data, NANO, train, tmp_path / "resumed", on_epoch=again.append)
+    pretrain(data, NANO, cfg, tmp_path / "resumed", runtime=CPU, on_epoch=again.append)
     assert again == []  # a finished pretraining is not redone
 
 
 def test_a_checkpoint_of_another_label_subset_is_not_resumed(tiny_root, cache_dir, tmp_path):
     data = data_config(tiny_root, cache_dir, max_val_samples=1)
-    train = TrainConfig(finetune_epochs=1, **FAST)
-    finetune(data, NANO, train, tmp_path, 0.5, subset_seed=0)
+    cfg = FinetuneConfig(budget={"value": 1}, label_fraction=0.5, **FAST)
+    finetune(data, NANO, cfg, tmp_path, seed=0, runtime=CPU)
     scenes = split_scenes(tiny_root, "v1.0-mini", "train")
     first = label_subset(scenes, 0.5, 0).scenes
     other_seed = next(s for s in range(1, 20) if label_subset(scenes, 0.5, s).scenes != first)
     with pytest.raises(ValueError, match="belongs to another run"):
-        finetune(data, NANO, train, tmp_path, 0.5, subset_seed=other_seed)
+        finetune(data, NANO, cfg, tmp_path, seed=other_seed, runtime=CPU)
 
 
 def test_checkpoints_refuse_objects_that_need_unpickling(tmp_path):
@@ -255,14 +265,21 @@ def test_checkpoints_refuse_objects_that_need_unpickling(tmp_path):
 
 
 def test_a_diverging_run_stops_with_an_error_naming_the_loss_term(tiny_root, cache_dir, tmp_path):
-    data = data_config(tiny_root, cache_dir)
-    train = TrainConfig(finetune_epochs=2, **{**FAST, "lr": 1e30})
+    data = data_config(tiny_root, cache_dir, max_val_samples=1)
+    cfg = FinetuneConfig(budget={"value": 1}, **FAST)
+    # A checkpoint whose head has blown up (an inf weight): the first loss is not finite.
+    result = finetune(data, NANO, cfg, tmp_path / "ok", seed=0, runtime=CPU)
+    state = load_checkpoint(result.checkpoint)
+    name = next(k for k in state["model"] if k.startswith("head") and k.endswith("weight"))
+    state["model"][name] = torch.full_like(state["model"][name], float("inf"))
+    save_checkpoint(tmp_path / "blown.pt", state)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss term .*bev=.* at finetune"):
-        finetune(data, NANO, train, tmp_path, 1.0, 0)
+        finetune(data, NANO, cfg, tmp_path / "x", seed=0, init_checkpoint=tmp_path / "blown.pt",
+                 runtime=CPU)  # fmt: skip
 
 
 def test_schedule_warms_up_linearly_then_anneals_to_the_minimum():
-    cfg = TrainConfig(warmup_iters=500, warmup_max_fraction=0.1)
+    cfg = OptimConfig(warmup_iters=500, warmup_max_fraction=0.1)
     total = 1000  # the warmup is capped at 100 iterations
     assert math.isclose(lr_factor(0, total, cfg), 1.0 / 3.0)
     assert lr_factor(50, total, cfg) < lr_factor(99, total, cfg) < lr_factor(100, total, cfg)
@@ -290,3 +307,61 @@ def test_rotating_the_ego_frame_moves_cameras_and_labels_together(tiny_root, cac
     both = valid_before & valid_after
     assert both.float().mean() > 0.1
     assert (before[both] == after[both]).float().mean() > 0.98
+
+
+# --- budgets and early stopping ------------------------------------------------------------------
+
+
+def test_a_step_budget_gives_every_label_fraction_the_same_optimiser_steps(
+    study_root, cache_dir, tmp_path
+):
+    data = data_config(study_root, cache_dir, max_val_samples=1)
+    budget = {"unit": "steps", "value": 5, "every": 2}
+    steps = {}
+    for fraction in (0.25, 1.0):
+        cfg = FinetuneConfig(budget=budget, label_fraction=fraction, val_every=0, **FAST)
+        reports: list[EpochReport] = []
+        finetune(data, NANO, cfg, tmp_path / f"{fraction}", runtime=CPU, on_epoch=reports.append)
+        steps[fraction] = [r.steps for r in reports]
+    # 3 labelled scenes of 3 keyframes (2 batches a pass) against 9 scenes (14 batches): the
+    # same 5 steps in periods of 2, 2 and 1.
+    assert steps == {0.25: [2, 4, 5], 1.0: [2, 4, 5]}
+
+
+def test_an_epoch_budget_with_extra_steps_runs_them_all(tiny_root, cache_dir, tmp_path):
+    data = data_config(tiny_root, cache_dir, max_val_samples=1)
+    cfg = FinetuneConfig(budget={"value": 2}, extra_steps=3, val_every=0, **FAST)
+    result = finetune(data, NANO, cfg, tmp_path, runtime=CPU)
+    # 4 train keyframes, batch 2: 2 steps an epoch, 4 for the budget, 3 more.
+    assert result.history[-1].steps == 7 and len(result.history) == 4
+
+
+def test_early_stopping_stops_and_reports_its_best_epoch(tiny_root, cache_dir, tmp_path):
+    data = data_config(tiny_root, cache_dir, max_val_samples=1)
+    # No later epoch can beat the first by a whole mIoU point: it stops after `patience` = 1.
+    stopping = {"patience": 1, "min_delta": 1.0}
+    cfg = FinetuneConfig(budget={"value": 5}, early_stopping=stopping, **FAST)
+    reports: list[EpochReport] = []
+    result = finetune(data, NANO, cfg, tmp_path, runtime=CPU, on_epoch=reports.append)
+    assert [r.epoch for r in reports] == [1, 2] and reports[-1].stopped_early
+    assert result.epochs == 2 and reports[-1].epochs == 5
+    assert reports[-1].best["best/epoch"] == 1.0
+    assert reports[-1].best["best/val_mIoU"] == reports[0].val["val/mIoU"]
+    # The final metrics stay the last epoch's: best/* is a name of its own.
+    assert result.val == reports[-1].val
+
+
+def test_a_step_budget_resumed_inside_a_pass_matches_an_uninterrupted_run(
+    study_root, cache_dir, tmp_path
+):
+    data = data_config(study_root, cache_dir)
+    # 14 batches a pass, periods of 3 steps: the resume lands inside the first pass.
+    cfg = PretrainConfig(budget={"unit": "steps", "value": 6, "every": 3}, val_every=None, **FAST)
+    straight, resumed = straight_and_resumed(data, cfg, tmp_path, runs=("straight", "again"))
+
+    assert [r.steps for r in straight] == [3, 6] and [r.steps for r in resumed] == [6]
+    weights = [load_checkpoint(tmp_path / d / "pretrain.pt")["model"] for d in
+               ("straight", "again", "resumed")]  # fmt: skip
+    # Deterministic at the pinned thread count: twice the same, and the same after a resume.
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])

@@ -33,8 +33,8 @@ from model.data.errors import (
     MapNotFoundError,
     MissingPseudoLabelsError,
 )
+from model.data.label_cache import LabelCache, LabelJob, default_cache_dir
 from model.data.labels import LabelConfig
-from model.data.prepare import LabelCache, LabelJob, default_cache_dir
 from model.geometry import CAMERAS, invert_transform, scale_intrinsics, transform_from_pose
 
 log = logging.getLogger(__name__)

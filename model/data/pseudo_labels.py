@@ -37,14 +37,14 @@ import numpy as np
 from tqdm import tqdm
 
 from model.data.dataset import check_dataroot, load_nuscenes, pseudo_label_path, read_image
+from model.data.label_cache import atomic_write_bytes, write_png
 from model.data.labels import PROTOCOLS
-from model.data.prepare import atomic_write_bytes, write_png
 from model.data.vistas import VISTAS_CLASSES
 from model.geometry import CAMERAS
+from model.names import IGNORE
 
 log = logging.getLogger(__name__)
 
-IGNORE = 255
 
 # Perspective classes per protocol. hdmapnet: the BEV classes themselves. fine: Vistas v1.2
 # cannot tell lane from road dividers or stop lines apart, so its perspective classes are
@@ -113,6 +113,10 @@ VISTAS_TO_PROTOCOL: dict[str, dict[str, str]] = {
         "Curb Cut": "background",
     },
 }
+# hdmapnet_filled differs from hdmapnet only in how the BEV labels are drawn (crossings as
+# filled polygons): its perspective classes are hdmapnet's.
+for _table in (PSEUDO_CLASSES, PSEUDO_TO_BEV, VISTAS_TO_PROTOCOL):
+    _table["hdmapnet_filled"] = _table["hdmapnet"]
 
 
 def _normalise(name: str) -> str:
@@ -332,7 +336,7 @@ def corrupt_label(
 ) -> np.ndarray:
     """A simulated pseudo-label from a clean perspective label (both uint8, 255 = ignore)."""
     classes = PSEUDO_CLASSES[protocol]
-    if protocol == "hdmapnet":
+    if protocol in ("hdmapnet", "hdmapnet_filled"):
         surface, markings, edge = 0, [1, 2], 3  # what lies under markings; marking ids; curbs
         thin = [1]
     else:
@@ -519,6 +523,30 @@ def read_noise_report(dataroot: Path | str, protocol: str = "hdmapnet") -> dict:
 
 
 # --- CLI -------------------------------------------------------------------------------------
+
+
+def ensure_synthetic(dataroot: Path | str, version: str, protocol: str) -> None:
+    """Simulated pseudo-labels of a synthetic dataroot, written on first use (seconds) under a
+    file lock: concurrent trials and the sweep driver share a dataroot. A no-op for a dataroot
+    that is not synthetic or already has them."""
+    from filelock import FileLock
+
+    root = Path(dataroot)
+    noise = root / "pseudo_labels" / "synthetic" / protocol / "noise.json"
+    if not (root / "synthetic.json").is_file() or _complete(noise):
+        return
+    noise.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(noise.parent / ".generate.lock")):
+        if not _complete(noise):
+            log.info("writing simulated pseudo-labels into %s", noise.parent)
+            run_synthetic(root, version, protocol, progress=False)
+
+
+def _complete(noise_json: Path) -> bool:
+    try:
+        return bool(json.loads(noise_json.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,157 @@
+"""The trials of a study: a method, a seed and one value per search axis, resolved with the spec.
+
+trials = expand_trials(spec)              # the grid
+resolved = trials[0].resolve(spec)        # the spec with the trial's values set, validated
+resolved.pretrain, resolved.finetune      # the core's configs for this trial
+resolved.pretrain_key(fingerprint)        # which shared pretraining it uses (None: none)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from harness.spec import PRETRAIN_CACHE_VERSION, Spec, set_path, stable_hash, validate_spec
+from model import names
+from model.config import FinetuneConfig, PretrainConfig
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial: a method, a seed and the values of the search axes (dotted path -> value).
+
+    Everything else comes from the spec; `resolve` applies the overrides and validates with the
+    same `Spec` model, so a trial's settings are exactly a spec's.
+    """
+
+    method: str
+    seed: int
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "overrides", tuple(sorted(self.overrides)))
+
+    @classmethod
+    def from_dict(cls, value: dict) -> Trial:
+        return cls(value["method"], int(value["seed"]), tuple(value["overrides"].items()))
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "seed": self.seed, "overrides": dict(self.overrides)}
+
+    @property
+    def label(self) -> str:
+        """A readable name from the trial alone: `pretrained-label_fraction=0.5-s0`."""
+        axes = [f"{path.rsplit('.', 1)[-1]}={_short(v)}" for path, v in self.overrides]
+        return "-".join([self.method, *axes, f"s{self.seed}"])
+
+    @property
+    def key(self) -> str:
+        """The trial's identity (`bev.trial_id`): stable across retries, resumes, processes."""
+        return stable_hash(self.to_dict(), 12)
+
+    def resolve(self, spec: Spec) -> ResolvedTrial:
+        raw = spec.model_dump(mode="json", exclude={"search", "optuna"})
+        for path, value in self.overrides:
+            set_path(raw, path, value)
+        return ResolvedTrial(self, validate_spec(raw, source=f"trial {self.to_dict()}"))
+
+
+@dataclass(frozen=True)
+class ResolvedTrial:
+    """A trial with its settings: the spec's sections after the trial's overrides."""
+
+    trial: Trial
+    spec: Spec
+
+    @property
+    def pretrain(self) -> PretrainConfig | None:
+        # The one place of the rule: a supervised trial has no pretraining.
+        return self.spec.pretrain if self.trial.method == names.PRETRAINED else None
+
+    @property
+    def twin(self) -> ResolvedTrial | None:
+        """The pretrained trial whose pretraining the compute-matched arm is matched to."""
+        if self.trial.method != names.SUPERVISED_MATCHED:
+            return None
+        return Trial(names.PRETRAINED, self.trial.seed, self.trial.overrides).resolve(self.spec)
+
+    @property
+    def finetune(self) -> FinetuneConfig:
+        return self.spec.finetune
+
+    @property
+    def variant(self) -> str:
+        """The trial's arm and cell, e.g. `pretrained@0.5` (the MLflow param `variant`)."""
+        return f"{self.trial.method}@{self.finetune.label_fraction:g}"
+
+    @property
+    def name(self) -> str:
+        axes = [
+            f"{path.rsplit('.', 1)[-1]}={_short(value)}"
+            for path, value in self.trial.overrides
+            if path != names.LABEL_FRACTION
+        ]
+        return "-".join([self.variant, *axes, f"s{self.trial.seed}"])
+
+    def pretrain_key(self, dataset_fingerprint: str) -> str | None:
+        """What decides the pretraining's weights, hashed: trials with equal keys share it.
+        By construction the pretraining, data and model configs and the seed (plus the
+        dataset's content and the cache version), nothing about fine-tuning or the runtime."""
+        if self.pretrain is None:
+            return None
+        return stable_hash(
+            {
+                "cache_version": PRETRAIN_CACHE_VERSION,
+                "pretrain": self.pretrain.model_dump(mode="json"),
+                "data": self.spec.data.model_dump(mode="json"),
+                "dataset": dataset_fingerprint,
+                "model": self.spec.model.build().to_dict(),
+                "seed": self.trial.seed,
+            }
+        )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict | list):  # a section as an axis value: a short stable tag
+        return stable_hash(value, 6)
+    return str(value)
+
+
+def expand_trials(spec: Spec) -> list[Trial]:
+    """Every trial of a grid study (an Optuna study's trials are sampled while it runs).
+
+    Supervised trials take no `pretrain.*` axis (they have no pretraining). Ordered fraction
+    by fraction, pretrained first and seeds interleaved, so trials running at the same time
+    rarely wait on the same pretraining, and the first results cover all methods.
+    """
+    trials: list[Trial] = []
+    for method in spec.methods:
+        axes = {
+            path: values
+            for path, values in spec.search.items()
+            if method == names.PRETRAINED or not path.startswith("pretrain.")
+        }
+        for combo in itertools.product(*axes.values()):
+            overrides = tuple(sorted(zip(axes, combo, strict=True)))
+            trials.extend(Trial(method, seed, overrides) for seed in spec.seeds)
+    fraction = dict(spec.search).get(names.LABEL_FRACTION)
+
+    def order(trial: Trial) -> tuple:
+        value = dict(trial.overrides).get(names.LABEL_FRACTION, spec.finetune.label_fraction)
+        return (value if fraction else 0.0, names.METHODS[::-1].index(trial.method))
+
+    return sorted(trials, key=order)
+
+
+def pretrain_shares(resolved: Iterable[ResolvedTrial], fingerprint: str) -> dict[str, int]:
+    """Distinct pretrainings the trials need (by key), with how many trials share each."""
+    shares: dict[str, int] = {}
+    for trial in resolved:
+        key = trial.pretrain_key(fingerprint)
+        if key is not None:
+            shares[key] = shares.get(key, 0) + 1
+    return shares

@@ -1,0 +1,58 @@
+"""The datasets and loaders a phase reads, built from the data and model configs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch.utils.data import DataLoader, Subset
+
+from model.config import DataConfig
+from model.data.dataset import NuScenesBevDataset, make_loader
+from model.data.labels import LabelConfig
+from model.presets import ModelConfig
+
+
+def label_config(data: DataConfig, model: ModelConfig) -> LabelConfig:
+    return LabelConfig(protocol=data.protocol, grid=data.label_grid(model))
+
+
+def make_dataset(
+    data: DataConfig,
+    model: ModelConfig,
+    split: str,
+    pseudo_labels: str | None,
+    load_prev: bool,
+    scenes: Sequence[str] | None = None,
+    progress: bool = False,
+) -> NuScenesBevDataset:
+    return NuScenesBevDataset(
+        data.root,
+        data.resolved_version,
+        split,
+        image_size=model.image_size,
+        label_cfg=label_config(data, model),
+        pseudo_labels=pseudo_labels,
+        scenes=scenes,
+        cache_dir=data.cache_dir,
+        load_prev=load_prev,
+        progress=progress,
+    )
+
+
+def train_loader(dataset, data: DataConfig, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled batches; the loop reseeds the loader's generator every epoch."""
+    return make_loader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=data.num_workers, seed=seed
+    )
+
+
+def val_loader(
+    data: DataConfig, model: ModelConfig, batch_size: int, use_history: bool
+) -> DataLoader:
+    """The first ``max_val_samples`` keyframes of the val split, in order."""
+    dataset = make_dataset(data, model, data.val_split, None, load_prev=use_history)
+    if data.max_val_samples is not None and data.max_val_samples < len(dataset):
+        dataset = Subset(dataset, range(data.max_val_samples))
+    return make_loader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=data.num_workers, seed=0
+    )

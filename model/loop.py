@@ -1,0 +1,514 @@
+"""One training phase, step by step, and the evaluation pass both phases share.
+
+One step, as BEVFormer trains with its history queue of length 2:
+
+1. the previous keyframe's BEV is computed under ``no_grad`` with the model in eval mode
+   (``obtain_history_bev`` in the official code); it feeds temporal self-attention and, warped
+   by ego motion, is the target of the temporal loss;
+2. forward on the current keyframe with that history, then the phase's weighted loss terms;
+3. NaN/inf guard on every term and on the gradient norm (one host sync per step), gradient
+   clipping, AdamW step with the learning rate of that step.
+
+The cosine runs per iteration, not per epoch (our runs are a few epochs long, and an
+epoch-wise cosine would be a staircase), and the warmup is capped at ``warmup_max_fraction`` of
+the phase's iterations (500 warmup iterations would be the whole of a short CPU run).
+
+Clocks: ``cum_wall_s`` is the wall time of the training epochs (data loading, steps), without
+validation or checkpoint writes, summed over epochs and across resumes. ``cum_gpu_s`` is the
+GPU time of the steps (CUDA events around each step); on CPU it is 0.0.
+
+Determinism: every epoch reseeds torch's global RNG and the loader's shuffling generator from
+(seed, epoch), so a run resumed from a checkpoint sees the same batches and random draws as an
+uninterrupted one (on the same device and thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from model import names
+from model.bevformer import BEVFormerSeg
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.compat import check_resumable
+from model.config import EarlyStopping, EpochReport, OptimConfig, PhaseConfig
+from model.data.labels import is_multilabel
+from model.data.pseudo_labels import pseudo_channel_groups
+from model.geometry import BevGrid
+from model.losses import (
+    NonFiniteLossError,
+    bev_loss,
+    check_finite,
+    reprojection_bce_loss,
+    reprojection_loss,
+    temporal_consistency_loss,
+    weighted_sum,
+)
+from model.metrics import make_metric
+from model.reprojection import reproject
+from model.warp import rotate_ego_frame
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % 2**63
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of the base lr at iteration ``step`` (0-based) of ``total_steps``."""
+    progress = min(step / max(total_steps, 1), 1.0)
+    factor = cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (
+        1.0 + math.cos(math.pi * progress)
+    )
+    warmup = min(cfg.warmup_iters, int(cfg.warmup_max_fraction * total_steps))
+    if step < warmup:
+        # mmcv's linear warmup: from warmup_ratio x the regular lr up to the regular lr.
+        factor *= 1.0 - (1.0 - step / warmup) * (1.0 - cfg.warmup_ratio)
+    return factor
+
+
+def autocast(device: torch.device, bf16: bool):
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _eval_mode(net: torch.nn.Module):
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device, non_blocking=True)
+        elif isinstance(value, dict):
+            out[key] = _to_device(value, device)
+        else:
+            out[key] = value
+    return out
+
+
+# --- the forward pass shared by training and evaluation ----------------------------------------
+
+
+def _history(net: BEVFormerSeg, batch: dict, amp) -> dict | None:
+    """The previous keyframe's outputs under no_grad in eval mode (BEVFormer's history BEV)."""
+    prev = batch.get("prev")
+    if prev is None:
+        return None
+    with torch.no_grad(), _eval_mode(net), amp:
+        return net(prev["images"], prev["intrinsics"], prev["ego_from_cam"])
+
+
+def _forward(net: BEVFormerSeg, batch: dict, history: dict | None, use_history: bool, amp):
+    prev_bev = history["bev_features"] if (history is not None and use_history) else None
+    with amp:
+        return net(
+            batch["images"],
+            batch["intrinsics"],
+            batch["ego_from_cam"],
+            prev_bev=prev_bev,
+            prev_ego_from_ego=batch["prev_ego_from_ego"] if prev_bev is not None else None,
+            has_prev=batch["has_prev"] if prev_bev is not None else None,
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    net: BEVFormerSeg,
+    loader: DataLoader,
+    protocol: str,
+    device: torch.device | str,
+    use_history: bool = True,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Metrics of ``net`` over every batch of ``loader`` (``model.metrics``: HDMapNet argmax
+    IoU for hdmapnet, best-threshold IoU for fine): ``{"mIoU", "IoU_<class>", ...}``. With
+    ``use_history`` and batches that carry ``prev``, the history BEV is the previous
+    keyframe's, as in training."""
+    device = torch.device(device)
+    amp = autocast(device, True)
+    metric = make_metric(protocol)
+    with _eval_mode(net):
+        for batch in tqdm(loader, desc="val", leave=False, disable=None if progress else True):
+            batch = _to_device(batch, device)
+            history = _history(net, batch, amp) if use_history else None
+            out = _forward(net, batch, history, use_history, amp)
+            metric.update(out["bev_logits"].float(), batch["bev_label"])
+    return metric.compute()
+
+
+# Class colours of the preview image (RGB), background first.
+_PALETTE = np.array(
+    [[40, 40, 40], [255, 200, 0], [0, 170, 255], [255, 60, 60], [90, 220, 90], [200, 120, 255]],
+    np.uint8,
+)
+
+
+@torch.no_grad()
+def preview(net: BEVFormerSeg, loader: DataLoader, device, use_history: bool) -> np.ndarray:
+    """The first val sample's BEV prediction (argmax) beside its label: (H, 2W, 3) uint8,
+    ego forward up. Multi-label protocols show the highest-scoring channel above 0.5."""
+    batch = _to_device(next(iter(loader)), torch.device(device))
+    amp = autocast(torch.device(device), True)
+    with _eval_mode(net):
+        history = _history(net, batch, amp) if use_history else None
+        logits = _forward(net, batch, history, use_history, amp)["bev_logits"][0].float()
+    label = batch["bev_label"][0]
+    if label.dim() == 3:  # multi-hot (C, H, W): channel index + 1, 0 where none is on
+        pred = torch.where(logits.sigmoid().amax(0) > 0.5, logits.argmax(0) + 1, 0)
+        label = torch.where(label.amax(0) > 0, label.float().argmax(0) + 1, 0)
+    else:
+        pred = logits.argmax(0)
+    palette = _PALETTE[np.arange(256) % len(_PALETTE)]
+    palette[names.IGNORE] = (0, 0, 0)
+    images = [palette[t.cpu().numpy().astype(np.int64)] for t in (pred, label)]
+    return np.concatenate(images, axis=1)
+
+
+# --- one phase -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """A phase as the loop runs it: the network, its data and what it optimises."""
+
+    name: str  # pretrain | finetune
+    cfg: PhaseConfig
+    net: BEVFormerSeg
+    loader: DataLoader
+    val: DataLoader | None
+    seed: int
+    labelled_samples: int
+    protocol: str
+    grid: BevGrid
+    device: torch.device
+    bf16: bool
+    progress: bool
+    checkpoint_path: Path
+    meta: dict  # plain values stored with the checkpoint (configs, subset)
+    bev_class_weights: tuple[float, ...] | None = None
+    bev_pos_weight: tuple[float, ...] | None = None
+    reproj_class_weights: tuple[float, ...] | None = None
+    extra_steps: int = 0  # added to the budget (the compute-matched supervised arm)
+    early_stopping: EarlyStopping | None = None
+    preview: bool = False  # render EpochReport.preview after each validation
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.cfg.weights
+
+
+def _loss_terms(phase: Phase, batch: dict, amp) -> dict[str, torch.Tensor]:
+    net, weights, cfg = phase.net, phase.weights, phase.cfg
+    need_prev = cfg.use_history or "temporal" in weights
+    history = _history(net, batch, amp) if need_prev else None
+    out = _forward(net, batch, history, cfg.use_history, amp)
+    logits = out["bev_logits"].float()
+    multilabel = is_multilabel(phase.protocol)
+    terms: dict[str, torch.Tensor] = {}
+    if "bev" in weights:
+        terms["bev"] = bev_loss(
+            logits, batch["bev_label"], phase.bev_class_weights, phase.bev_pos_weight
+        )
+    if "reproj" in weights:
+        rep = reproject(
+            logits,
+            batch["intrinsics"],
+            batch["ego_from_cam"],
+            tuple(batch["images"].shape[-2:]),
+            phase.grid,
+            cfg.reprojection.stride,
+            batch["pseudo_labels"],
+        )
+        if multilabel:
+            terms["reproj"] = reprojection_bce_loss(rep, pseudo_channel_groups(phase.protocol))
+        else:
+            terms["reproj"] = reprojection_loss(
+                rep,
+                kind=cfg.reprojection.loss,
+                class_weights=phase.reproj_class_weights,
+                focal_gamma=cfg.reprojection.focal_gamma,
+            )
+    if "temporal" in weights:
+        if history is None:
+            raise ValueError("the temporal loss needs the previous keyframe (load_prev)")
+        terms["temporal"] = temporal_consistency_loss(
+            logits,
+            history["bev_logits"],
+            batch["prev_ego_from_ego"],
+            phase.grid,
+            has_prev=batch["has_prev"],
+            kind=cfg.temporal_loss,
+            multilabel=multilabel,
+        )
+    return terms
+
+
+def _optimizer(net: BEVFormerSeg, cfg: OptimConfig) -> torch.optim.AdamW:
+    groups = net.param_groups(cfg.lr, cfg.backbone_lr_mult)
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A phase's budget in optimiser steps, cut into reporting periods."""
+
+    total_steps: int
+    period_steps: int  # steps between reports (validation, checkpoint, on_epoch)
+
+    @property
+    def periods(self) -> int:
+        return max(1, math.ceil(self.total_steps / self.period_steps))
+
+    def steps_in(self, period: int) -> int:
+        """Steps of 1-based ``period`` (the last one may be shorter)."""
+        return min(self.period_steps, self.total_steps - (period - 1) * self.period_steps)
+
+
+def schedule(cfg: PhaseConfig, steps_per_pass: int, extra_steps: int = 0) -> Schedule:
+    """The phase's steps: ``budget`` in epochs (passes over the loader), steps or samples,
+    plus ``extra_steps`` (the compute-matched arm). Epoch budgets report once per epoch."""
+    budget = cfg.budget
+    steps_per_pass = max(steps_per_pass, 1)
+    if budget.unit == "epochs":
+        return Schedule(budget.value * steps_per_pass + extra_steps, steps_per_pass)
+    per_step = 1 if budget.unit == "steps" else cfg.batch_size
+    total = math.ceil(budget.value / per_step) + extra_steps
+    every = budget.every or math.ceil(budget.value / 10)
+    return Schedule(total, max(1, math.ceil(every / per_step)))
+
+
+class _Batches:
+    """The loader's batches as one endless stream: pass k (1-based) shuffles with the seed
+    (seed, k), so step s of the phase always sees the same batch, resumed or not."""
+
+    def __init__(self, loader: DataLoader, seed: int):
+        self.loader, self.seed = loader, seed
+        self.per_pass = max(len(loader), 1)
+        self.iterator = None
+
+    def seek(self, step: int) -> None:
+        """Position before step ``step`` (0-based) of the phase."""
+        passes, offset = divmod(step, self.per_pass)
+        self._start_pass(passes + 1)
+        for _ in range(offset):  # a resume inside a pass (step budgets): skip what was seen
+            next(self.iterator)
+
+    def _start_pass(self, index: int) -> None:
+        if self.loader.generator is not None:
+            self.loader.generator.manual_seed(_epoch_seed(self.seed, index))
+        self.iterator = iter(self.loader)
+        self.pass_index = index
+
+    def next(self) -> dict:
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self._start_pass(self.pass_index + 1)
+            return next(self.iterator)
+
+
+def _val_due(cfg: PhaseConfig, period: int, periods: int) -> bool:
+    if cfg.val_every is None:
+        return False
+    return period == periods or (cfg.val_every > 0 and period % cfg.val_every == 0)
+
+
+@dataclass
+class _Best:
+    """The best validation so far, for early stopping and the best/* metrics."""
+
+    epoch: int = 0
+    miou: float = -math.inf
+    metrics: dict = None
+    bad: int = 0  # validations since the last improvement
+
+    def update(self, epoch: int, val: dict, miou_key: str, min_delta: float) -> None:
+        miou = val[miou_key]
+        if miou > self.miou + min_delta or self.epoch == 0:
+            self.epoch, self.miou, self.metrics, self.bad = epoch, miou, dict(val), 0
+        else:
+            self.bad += 1
+
+    def report(self) -> dict[str, float]:
+        if not self.epoch:
+            return {}
+        best = {names.best_metric(k): v for k, v in self.metrics.items()}
+        return {**best, names.BEST_EPOCH: float(self.epoch)}
+
+
+def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> list[EpochReport]:
+    """Train the phase's budget, resuming from ``phase.checkpoint_path`` if it exists."""
+    net, device, cfg = phase.net, phase.device, phase.cfg
+    net.to(device)
+    optimizer = _optimizer(net, cfg.optim)
+    plan = schedule(cfg, len(phase.loader), phase.extra_steps)
+    history: list[EpochReport] = []
+    start, step, cum_wall_s, cum_gpu_s = 0, 0, 0.0, 0.0
+    best = _Best()
+    stopping = phase.early_stopping
+    if phase.checkpoint_path.is_file():
+        state = load_checkpoint(phase.checkpoint_path)
+        check_resumable(state, phase.name, phase.meta, phase.checkpoint_path)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["epoch"])
+        step = int(state.get("step", start * plan.period_steps))
+        cum_wall_s, cum_gpu_s = float(state["cum_wall_s"]), float(state["cum_gpu_s"])
+        history = [EpochReport(**r) for r in state["history"]]
+        best = _Best(**state["best"]) if state.get("best") else best
+        log.info("%s resumes after period %d from %s", phase.name, start, phase.checkpoint_path)
+        if history and history[-1].stopped_early:
+            return history
+    batches = _Batches(phase.loader, phase.seed)
+    batches.seek(step)
+    amp = autocast(device, phase.bf16)
+    cuda = device.type == "cuda"
+    miou_key = names.val_metric(phase.name, names.MIOU)
+    for period in range(start + 1, plan.periods + 1):
+        torch.manual_seed(_epoch_seed(phase.seed, period))
+        net.train()
+        sums: dict[str, torch.Tensor] = {}
+        events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        started = time.perf_counter()
+        n = plan.steps_in(period)
+        bar = tqdm(
+            total=n,
+            desc=f"{phase.name} {period}/{plan.periods}",
+            leave=False,
+            disable=None if phase.progress else True,
+        )
+        for i in range(n):
+            batch = batches.next()
+            _set_lr(optimizer, lr_factor(step, plan.total_steps, cfg.optim))
+            batch = _to_device(batch, device)
+            if cuda:
+                events.append(_event_pair())
+                events[-1][0].record()
+            if cfg.bev_aug_yaw_deg > 0:
+                batch = rotate_ego_frame(batch, phase.grid, cfg.bev_aug_yaw_deg)
+            terms = _loss_terms(phase, batch, amp)
+            loss = weighted_sum(terms, phase.weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip_norm)
+            where = f"{phase.name} epoch {period} step {i + 1}"
+            check_finite({**terms, "loss": loss.detach()}, where)
+            if not bool(torch.isfinite(grad_norm)):
+                raise NonFiniteLossError(f"non-finite gradient norm {float(grad_norm)} at {where}")
+            optimizer.step()
+            step += 1
+            bar.update()
+            if cuda:
+                events[-1][1].record()
+            for term, value in {"loss": loss, **terms}.items():
+                key = names.loss_metric(phase.name, term)
+                sums[key] = sums.get(key, 0.0) + value.detach()
+        bar.close()
+        if cuda:
+            torch.cuda.synchronize(device)
+            cum_gpu_s += sum(a.elapsed_time(b) for a, b in events) / 1000.0
+        epoch_wall_s = time.perf_counter() - started
+        cum_wall_s += epoch_wall_s
+        losses = {k: float(v) / max(n, 1) for k, v in sums.items()}
+        val: dict[str, float] = {}
+        val_start = time.perf_counter()
+        if phase.val is not None and _val_due(cfg, period, plan.periods):
+            metrics = evaluate(net, phase.val, phase.protocol, device, cfg.use_history)
+            val = {names.val_metric(phase.name, k): v for k, v in metrics.items()}
+            if stopping is not None:
+                best.update(period, val, miou_key, stopping.min_delta)
+            image = preview(net, phase.val, device, cfg.use_history) if phase.preview else None
+        else:
+            image = None
+        stop = stopping is not None and best.bad >= stopping.patience and period < plan.periods
+        report = EpochReport(
+            phase=phase.name,
+            epoch=period,
+            epochs=plan.periods,
+            losses=losses,
+            val=val,
+            cum_wall_s=cum_wall_s,
+            cum_gpu_s=cum_gpu_s,
+            labelled_samples=phase.labelled_samples,
+            checkpoint=str(phase.checkpoint_path),
+            lr=optimizer.param_groups[-1]["lr"],
+            epoch_wall_s=epoch_wall_s,
+            val_wall_s=time.perf_counter() - val_start,
+            steps=step,
+            best=best.report(),
+            stopped_early=stop,
+            preview=image,
+        )
+        history.append(report)
+        save_checkpoint(
+            phase.checkpoint_path,
+            {
+                "phase": phase.name,
+                "epoch": period,
+                "epochs": plan.periods,
+                "step": step,
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "cum_wall_s": cum_wall_s,
+                "cum_gpu_s": cum_gpu_s,
+                "history": [r.to_dict() for r in history],
+                "best": dataclasses.asdict(best) if best.epoch else None,
+                **phase.meta,
+            },
+        )
+        miou = val.get(miou_key)
+        log.info(
+            "%s %d/%d (%d steps): %s; val mIoU %s; %.1f s%s",
+            phase.name,
+            period,
+            plan.periods,
+            step,
+            ", ".join(f"{k} {v:.4f}" for k, v in losses.items()),
+            f"{miou:.4f}" if miou is not None else "-",
+            epoch_wall_s,
+            "; stopping early" if stop else "",
+        )
+        if on_epoch is not None:
+            on_epoch(report)
+        if stop:
+            break
+    return history
+
+
+def _event_pair() -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
