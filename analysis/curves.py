@@ -73,6 +73,15 @@ def _time_scale(max_s: float) -> tuple[float, str]:
     return 1.0, "s"
 
 
+def _clipped(values) -> np.ndarray:
+    """An interval bound as drawn: mIoU lives in [0, 1], a t-band of few seeds need not."""
+    return np.clip(np.asarray(values, dtype=float), 0.0, 1.0)
+
+
+def _band(ax, x, low, high, color) -> None:
+    ax.fill_between(x, _clipped(low), _clipped(high), color=color, alpha=0.18, lw=0)
+
+
 def _partial_note(fig: Figure, trials: pd.DataFrame) -> None:
     n = int(trials["partial"].sum()) if "partial" in trials else 0
     if n:
@@ -113,7 +122,8 @@ def plot_miou_vs_fraction(
                 row["mean"], color="#555555", ls="--", lw=1.0, label="supervised, 100% labels"
             )
             if np.isfinite(row["ci_low"]):
-                ax.axhspan(row["ci_low"], row["ci_high"], color="#999999", alpha=0.15, lw=0)
+                low, high = _clipped([row["ci_low"], row["ci_high"]])
+                ax.axhspan(low, high, color="#999999", alpha=0.15, lw=0)
         for variant, cell in summary.groupby("variant", sort=False):
             style = styles[variant]
             cell = cell.sort_values("label_fraction")
@@ -137,14 +147,7 @@ def plot_miou_vs_fraction(
                 label=f"{variant} (n={int(cell['n_seeds'].max())})",
                 zorder=3,
             )
-            ax.fill_between(
-                cell["label_fraction"],
-                cell["ci_low"],
-                cell["ci_high"],
-                color=style["color"],
-                alpha=0.18,
-                lw=0,
-            )
+            _band(ax, cell["label_fraction"], cell["ci_low"], cell["ci_high"], style["color"])
         for result in savings or []:
             if result.fraction is not None and np.isfinite(result.fraction):
                 ax.axvline(
@@ -196,11 +199,20 @@ def plot_miou_vs_time(
     clock: str = "wall",
     accountings: tuple[str, ...] = ("incl_pretrain", "amortised"),
     confidence: float = CONFIDENCE,
+    time_to_target: pd.DataFrame | None = None,
 ) -> Figure:
     """Validation mIoU against cumulative training time, one row per time accounting (the
     pretraining counted in full, or only the trial's share of it) and one column per label
-    fraction; per configuration the mean over seeds at every epoch with a t-band."""
+    fraction; per configuration the mean over seeds at every epoch with a t-band. With a
+    `time_to_target` table (`analysis.stats.time_to_target`), a dotted line at its target and a
+    star where each mean curve first reaches it."""
     fractions = sorted(epochs["label_fraction"].unique())
+    targets_given = time_to_target is not None and not time_to_target.empty
+    targets, target, marked = {}, math.nan, False
+    if targets_given:
+        target = float(time_to_target["target"].iloc[0])
+        for row in time_to_target[time_to_target["reached"]].itertuples():
+            targets[(row.variant, row.label_fraction, row.accounting)] = row.time_s
     styles = variant_styles(epochs["variant"])
     max_s = max(
         float(epochs[f"cum_{clock}_s{'' if a == 'own' else '_' + a}"].max()) for a in accountings
@@ -235,9 +247,23 @@ def plot_miou_vs_time(
                         lw=1.4,
                         label=variant,
                     )
-                    ax.fill_between(
-                        x, cell["ci_low"], cell["ci_high"], color=style["color"], alpha=0.18, lw=0
-                    )
+                    _band(ax, x, cell["ci_low"], cell["ci_high"], style["color"])
+                    reached = targets.get((variant, fraction, accounting))
+                    if reached is not None:
+                        ax.plot(
+                            reached / scale,
+                            target,
+                            marker="*",
+                            ms=10,
+                            color=style["color"],
+                            mec="black",
+                            mew=0.6,
+                            ls="none",
+                            zorder=4,
+                        )
+                        marked = True
+                if targets_given:
+                    ax.axhline(target, color="#555555", ls=":", lw=1.0, zorder=1)
                 if r == 0:
                     ax.set_title(f"{_percent(fraction)} labels")
                 if r == len(accountings) - 1:
@@ -250,6 +276,23 @@ def plot_miou_vs_time(
             mpl.lines.Line2D([], [], color=s["color"], marker=s["marker"], label=v)
             for v, s in styles.items()
         ]
+        if targets_given:
+            handles.append(
+                mpl.lines.Line2D([], [], color="#555555", ls=":", label=f"target mIoU {target:.3f}")
+            )
+        if marked:
+            handles.append(
+                mpl.lines.Line2D(
+                    [],
+                    [],
+                    color="#777777",
+                    marker="*",
+                    ms=9,
+                    mec="black",
+                    ls="none",
+                    label="mean curve reaches target",
+                )
+            )
         fig.legend(
             handles=handles,
             loc="outside upper center",
@@ -333,7 +376,10 @@ def plot_pareto(
                 ax.errorbar(
                     cell[column] / scale,
                     cell["mean"],
-                    yerr=[cell["mean"] - cell["ci_low"], cell["ci_high"] - cell["mean"]],
+                    yerr=[
+                        cell["mean"] - _clipped(cell["ci_low"]),
+                        _clipped(cell["ci_high"]) - cell["mean"],
+                    ],
                     fmt=style["marker"],
                     color=style["color"],
                     ms=5,

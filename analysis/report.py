@@ -4,29 +4,53 @@
 
 writes DIR/report.html (self-contained: figures embedded, tables with numbers, the sweep's spec
 and environment), DIR/figures/*.png|svg, DIR/epochs.csv (the tidy frame), DIR/trials.csv,
-DIR/summary.csv, DIR/label_savings.csv, DIR/class_iou.csv, and logs the figures and the report to
-the sweep's parent run under `report/`. Input problems exit with status 2 and one line on stderr.
+DIR/summary.csv, DIR/verdicts.csv (paired verdicts against the reference cell),
+DIR/time_to_target.csv, DIR/verdicts.md (both as markdown tables), DIR/label_savings.csv,
+DIR/class_iou.csv, and logs the figures, the report and the tables to the sweep's parent run
+under `report/`. Input problems exit with status 2 and one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import json
 import logging
 import math
 import platform
+import socket
+import sqlite3
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pandas as pd
 
-from analysis.load import AnalysisError, Study, analysed_trials, load_study, resolve_tracking_uri
-from analysis.stats import CONFIDENCE, label_savings_table, summarise
+from analysis.load import (
+    AnalysisError,
+    Study,
+    _sqlite_path,
+    analysed_trials,
+    load_study,
+    resolve_tracking_uri,
+)
+from analysis.stats import (
+    CONFIDENCE,
+    POWER,
+    TARGET_ACCOUNTINGS,
+    Cell,
+    default_reference,
+    label_savings_table,
+    paired_verdicts,
+    parse_cell,
+    summarise,
+    time_to_target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +61,9 @@ FIGURE_CAPTIONS = {
     "seeds with a two-sided {confidence:.0%} Student-t interval, faint dots single seeds; dashed: "
     "supervised with 100% labels; dotted: label-savings point.",
     "miou_vs_time": "Validation mIoU against cumulative {clock} training time, per label "
-    "fraction; top row counts each pretrained trial's whole pretraining, bottom row only its "
-    "share (pretraining / trials sharing it).",
+    "fraction (mean over seeds, {confidence:.0%} t-band clipped to [0, 1]); top row counts each "
+    "pretrained trial's whole pretraining, bottom row only its share (pretraining / trials "
+    "sharing it). Dotted: the target mIoU; stars: where a mean curve first reaches it.",
     "class_iou_heatmap": "Per-class final IoU, mean over seeds.",
     "pareto": "Mean final mIoU against mean total {clock} time per configuration and label "
     "fraction ({confidence:.0%} t-interval); dashed: Pareto front (nothing else is both faster "
@@ -54,6 +79,11 @@ class Analysis:
     trials: pd.DataFrame  # the trials the statistics use
     epochs: pd.DataFrame  # their epochs
     summary: pd.DataFrame
+    verdicts: pd.DataFrame  # paired verdicts against `reference`
+    time_to_target: pd.DataFrame
+    reference: Cell
+    target: float  # the mIoU time-to-target aims at
+    power: float
     savings: pd.DataFrame
     class_iou: pd.DataFrame
     confidence: float
@@ -70,6 +100,9 @@ def analyse(
     seed: int = 0,
     clock: str = "wall",
     include_partial: bool | None = None,
+    reference: Cell | None = None,
+    target: float | None = None,
+    power: float = POWER,
 ) -> Analysis:
     from analysis.curves import class_iou_table
 
@@ -84,6 +117,17 @@ def analyse(
             "no trial has finished yet: the statistics use the latest epoch of running trials"
         )
     epochs = study.epochs[study.epochs["trial_id"].isin(trials["trial_id"])]
+    reference = reference or default_reference(trials)
+    verdicts = paired_verdicts(trials, reference, "val_mIoU", confidence, n_boot, seed, power)
+    to_target = time_to_target(
+        epochs, target, reference, clock, confidence=confidence, n_boot=n_boot, seed=seed
+    )
+    if verdicts.empty:
+        notes.append(
+            f"paired verdicts not computed: no trials in the reference cell "
+            f"{reference[0]}@{reference[1]}"
+            + ("" if target is not None else " (nor time-to-target: no --target given)")
+        )
     savings = label_savings_table(
         trials, confidence=confidence, n_boot=n_boot, seed=seed, clock=clock
     )
@@ -97,6 +141,11 @@ def analyse(
         trials=trials,
         epochs=epochs,
         summary=summarise(trials, confidence=confidence),
+        verdicts=verdicts,
+        time_to_target=to_target,
+        reference=reference,
+        target=float(to_target["target"].iloc[0]) if not to_target.empty else math.nan,
+        power=power,
         savings=savings,
         class_iou=class_iou_table(trials, study.class_names),
         confidence=confidence,
@@ -118,7 +167,10 @@ def make_figures(analysis: Analysis) -> dict:
             analysis.trials, analysis.confidence, savings
         ),
         "miou_vs_time": curves.plot_miou_vs_time(
-            analysis.epochs, clock=analysis.clock, confidence=analysis.confidence
+            analysis.epochs,
+            clock=analysis.clock,
+            confidence=analysis.confidence,
+            time_to_target=analysis.time_to_target,
         ),
         "class_iou_heatmap": curves.plot_class_iou_heatmap(
             analysis.trials, analysis.study.class_names
@@ -180,6 +232,101 @@ def savings_for_display(savings: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
+def _signed(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value:+.4f}"
+
+
+def _interval(low: float, high: float, fmt=_signed, open_end: str = "–") -> str:
+    if pd.isna(low) and pd.isna(high):
+        return "–"
+    return f"[{fmt(low)}, {open_end if pd.isna(high) else fmt(high)}]"
+
+
+def verdicts_for_display(verdicts: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """One row per cell: the per-seed differences to the reference, their mean, both intervals,
+    the verdict and, next to it, the smallest effect the seeds detect."""
+    if verdicts.empty:
+        return verdicts
+    level = f"{confidence:.0%}"
+    power = f"{verdicts['power'].iloc[0]:.0%}"
+    return pd.DataFrame(
+        {
+            "cell": [
+                f"{v}@{f}"
+                for v, f in zip(verdicts["variant"], verdicts["label_fraction"], strict=True)
+            ],
+            "vs": verdicts["reference"],
+            "seeds": verdicts["n_seeds"],
+            "per-seed differences": verdicts["diffs"],
+            "mean difference": [_signed(v) for v in verdicts["mean_diff"]],
+            f"{level} t-interval": [
+                _interval(lo, hi)
+                for lo, hi in zip(verdicts["t_low"], verdicts["t_high"], strict=True)
+            ],
+            f"{level} bootstrap": [
+                _interval(lo, hi)
+                for lo, hi in zip(verdicts["boot_low"], verdicts["boot_high"], strict=True)
+            ],
+            "verdict": verdicts["verdict"],
+            f"smallest detectable ({power} power)": [
+                "–" if pd.isna(v) else f"{v:.4f}" for v in verdicts["mde"]
+            ],
+        }
+    )
+
+
+def time_to_target_for_display(
+    to_target: pd.DataFrame, reference: Cell, confidence: float = CONFIDENCE
+) -> pd.DataFrame:
+    """One row per arm; per time accounting the time to target with its bootstrap interval
+    ("not reached" spelled out) and the ratio to the reference's own time."""
+    if to_target.empty:
+        return to_target
+
+    def seconds(value: float) -> str:
+        return "not reached" if pd.isna(value) else f"{value:.1f}"
+
+    rows = []
+    arms = to_target.groupby(["method", "variant", "label_fraction"], observed=True, sort=False)
+    for (_, variant, fraction), arm in arms:
+        row = {
+            "arm": f"{variant}@{fraction}",
+            "seeds": int(arm["n_seeds"].max()),
+            "resamples never reaching": f"{arm['never_share'].max():.0%}",
+        }
+        for r in arm.itertuples():
+            label = TARGET_ACCOUNTINGS[r.accounting]
+            interval = _interval(r.ci_low_s, r.ci_high_s, seconds, "not reached")
+            row[f"time [s], {label} ({confidence:.0%} CI)"] = (
+                seconds(r.time_s) if not r.reached else f"{seconds(r.time_s)} {interval}"
+            )
+            row[f"ratio, {label}"] = "–" if pd.isna(r.ratio) else f"{r.ratio:.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table of a frame of strings."""
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |"]
+    lines.append("|" + "---|" * len(frame.columns))
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def verdicts_markdown(analysis: Analysis) -> str:
+    """verdicts.md: the paired verdicts and the time-to-target table."""
+    ref = f"{analysis.reference[0]}@{analysis.reference[1]}"
+    parts = [f"# {analysis.study.experiment_name}: paired verdicts against {ref}\n"]
+    verdicts = verdicts_for_display(analysis.verdicts, analysis.confidence)
+    parts.append(markdown_table(verdicts) if not verdicts.empty else "Not computed.\n")
+    parts.append(f"\n## Time to target mIoU {analysis.target:.4f} (ratio: to {ref}'s own time)\n")
+    to_target = time_to_target_for_display(
+        analysis.time_to_target, analysis.reference, analysis.confidence
+    )
+    parts.append(markdown_table(to_target) if not to_target.empty else "Not computed.\n")
+    return "\n".join(parts)
+
+
 TRIAL_COLUMNS = [
     "trial_id",
     "run_name",
@@ -230,15 +377,26 @@ def render_html(analysis: Analysis, figure_pngs: dict[str, Path]) -> str:
             figures.append({"name": name, "data": data, "caption": caption})
     sweep = study.sweep
     savings = savings_for_display(analysis.savings)
+    verdicts = verdicts_for_display(analysis.verdicts, analysis.confidence)
+    to_target = time_to_target_for_display(
+        analysis.time_to_target, analysis.reference, analysis.confidence
+    )
+
+    def plain(frame: pd.DataFrame) -> str:
+        return frame.to_html(index=False, classes="num", border=0) if not frame.empty else ""
+
     context = {
         "study": study,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "status_counts": study.status_counts,
         "notes": analysis.notes,
         "figures": figures,
-        "savings_html": (
-            savings.to_html(index=False, classes="num", border=0) if not savings.empty else ""
-        ),
+        "savings_html": plain(savings),
+        "verdicts_html": plain(verdicts),
+        "time_to_target_html": plain(to_target),
+        "reference": f"{analysis.reference[0]}@{analysis.reference[1]}",
+        "target": analysis.target,
+        "power": analysis.power,
         "summary_html": table(analysis.summary),
         "class_iou_html": table(analysis.class_iou),
         "trials_html": table(study.trials[[c for c in TRIAL_COLUMNS if c in study.trials]]),
@@ -272,15 +430,30 @@ def write_report(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
         "epochs.csv": analysis.study.epochs,
         "trials.csv": analysis.study.trials,
         "summary.csv": analysis.summary,
+        "verdicts.csv": analysis.verdicts,
+        "time_to_target.csv": analysis.time_to_target,
         "label_savings.csv": analysis.savings,
         "class_iou.csv": analysis.class_iou,
     }
     for name, frame in csvs.items():
         frame.to_csv(out_dir / name, index=False)
         paths[name] = out_dir / name
+    paths["verdicts.md"] = out_dir / "verdicts.md"
+    paths["verdicts.md"].write_text(verdicts_markdown(analysis), encoding="utf-8")
     paths["report.html"] = out_dir / "report.html"
     paths["report.html"].write_text(render_html(analysis, pngs), encoding="utf-8")
     return paths
+
+
+LOGGED_FILES = (
+    "report.html",
+    "summary.csv",
+    "verdicts.csv",
+    "time_to_target.csv",
+    "verdicts.md",
+    "label_savings.csv",
+    "class_iou.csv",
+)
 
 
 def log_to_sweep_run(study: Study, out_dir: Path) -> str | None:
@@ -296,29 +469,191 @@ def log_to_sweep_run(study: Study, out_dir: Path) -> str | None:
     client = MlflowClient(tracking_uri=study.tracking_uri)
     run_id = study.sweep.run_id
     client.log_artifacts(run_id, str(out_dir / "figures"), "report/figures")
-    for name in ("report.html", "summary.csv", "label_savings.csv", "class_iou.csv"):
+    for name in LOGGED_FILES:
         client.log_artifact(run_id, str(out_dir / name), "report")
     return run_id
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m analysis.report",
-        description="Curves, tables and an HTML report from a study's MLflow runs.",
-    )
-    parser.add_argument("--experiment", required=True, help="MLflow experiment (the study name)")
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line naming the argument, status 2 (no usage)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(minimum: int, why: str = ""):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}{why}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(upper_inclusive: bool):
+    """A number in (0, 1), or in (0, 1] with `upper_inclusive`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (0 < value < 1 or (upper_inclusive and value == 1)):
+            interval = "0 < x <= 1" if upper_inclusive else "0 < x < 1"
+            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
+        return value
+
+    return parse
+
+
+def _experiment(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _cell(text: str) -> Cell:
+    try:
+        return parse_cell(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _output_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise argparse.ArgumentTypeError(f"{existing} exists and is not a directory")
+            break
+    return path
+
+
+def study_parser(prog: str, description: str, experiment_help: str) -> argparse.ArgumentParser:
+    """A parser with the options every analysis CLI shares: `--experiment`, `--tracking-uri`,
+    `--reference`; usage errors are one line."""
+    parser = _Parser(prog=prog, description=description)
+    parser.add_argument("--experiment", type=_experiment, required=True, help=experiment_help)
     parser.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else "
         "sqlite:///studies/<experiment>/mlflow.db",
     )
     parser.add_argument(
-        "--out", type=Path, help="output directory (default: studies/<experiment>/report)"
+        "--reference",
+        type=_cell,
+        default=None,
+        help="VARIANT@FRACTION the other cells are compared with, seed by seed "
+        "(default supervised@1.0)",
     )
-    parser.add_argument("--confidence", type=float, default=CONFIDENCE)
-    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap generator seed")
-    parser.add_argument("--clock", choices=("wall", "gpu"), default="wall")
+    return parser
+
+
+probability = _fraction(upper_inclusive=False)  # a level, a power: 0 < x < 1
+fraction = _fraction(upper_inclusive=True)  # an mIoU, a difference of mIoUs: 0 < x <= 1
+
+
+def check_store(uri: str) -> None:
+    """Refuse, with an AnalysisError, what MLflow would meet with a traceback or minutes of
+    retries: a file that is not an MLflow SQLite store (MLflow would also write its tables into
+    an empty one) and an http(s) server that does not answer."""
+    path = _sqlite_path(uri)
+    if path is not None and path.is_file():
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            ) as db:
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.DatabaseError as exc:
+            raise AnalysisError(
+                f"cannot read MLflow store {uri}: {path} is not a SQLite database ({exc})"
+            ) from None
+        if "experiments" not in tables:
+            raise AnalysisError(f"cannot read MLflow store {uri}: {path} has no MLflow tables")
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        try:
+            address = (parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
+            socket.create_connection(address, timeout=10).close()
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise AnalysisError(f"cannot reach MLflow server {uri}: {reason}") from None
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """The exceptions an analysis CLI reports as one line (imports MLflow: call it late)."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import DatabaseError
+
+    return AnalysisError, MlflowException, DatabaseError
+
+
+def one_line_error(exc: Exception, uri: str | None = None) -> int:
+    """Print an input problem as one `error:` line on stderr; returns the exit status, 2."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
+    if isinstance(exc, AnalysisError):
+        message = str(exc)
+    elif isinstance(exc, UnsupportedModelRegistryStoreURIException):
+        message = (
+            f"unsupported MLflow tracking URI {uri!r}: use sqlite:///PATH, a directory, "
+            "http(s)://HOST:PORT or a database URL"
+        )
+    elif isinstance(exc, MlflowException):
+        message = f"MLflow store {uri}: {exc.message}"
+    else:  # the database behind a SQL store
+        message = f"cannot read MLflow store {uri}: {getattr(exc, 'orig', None) or exc}"
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = study_parser(
+        "python -m analysis.report",
+        "Curves, tables and an HTML report from a study's MLflow runs.",
+        "MLflow experiment (the study name)",
+    )
+    parser.add_argument(
+        "--out",
+        type=_output_dir,
+        help="output directory (default: studies/<experiment>/report)",
+    )
+    parser.add_argument(
+        "--confidence",
+        type=probability,
+        default=CONFIDENCE,
+        help=f"interval level (default {CONFIDENCE})",
+    )
+    parser.add_argument(
+        "--n-boot",
+        type=_int_at_least(100, " (fewer resamples give unstable intervals)"),
+        default=2000,
+        help="bootstrap replicates (default 2000)",
+    )
+    parser.add_argument(
+        "--seed", type=_int_at_least(0), default=0, help="bootstrap generator seed (default 0)"
+    )
+    parser.add_argument(
+        "--clock", choices=("wall", "gpu"), default="wall", help="time clock (default wall)"
+    )
+    parser.add_argument(
+        "--target",
+        type=fraction,
+        help="mIoU for time-to-target (default: the reference's final mean over seeds)",
+    )
+    parser.add_argument(
+        "--power",
+        type=probability,
+        default=POWER,
+        help=f"power of the smallest detectable effect printed next to each verdict "
+        f"(default {POWER})",
+    )
     parser.add_argument(
         "--include-partial",
         action="store_true",
@@ -337,25 +672,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("mlflow", "alembic", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from mlflow.exceptions import MlflowException
-
-    if not 0 < args.confidence < 1:
-        print("error: --confidence must be between 0 and 1", file=sys.stderr)
-        return 2
     out_dir = args.out or Path("studies") / args.experiment.replace("/", "_") / "report"
+    uri = resolve_tracking_uri(args.tracking_uri, args.experiment)
     try:
-        uri = resolve_tracking_uri(args.tracking_uri, args.experiment)
+        check_store(uri)
         study = load_study(args.experiment, uri)
         analysis = analyse(
-            study, args.confidence, args.n_boot, args.seed, args.clock, args.include_partial
+            study,
+            args.confidence,
+            args.n_boot,
+            args.seed,
+            args.clock,
+            args.include_partial,
+            args.reference,
+            args.target,
+            args.power,
         )
         paths = write_report(analysis, out_dir)
-    except AnalysisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except MlflowException as exc:
-        print(f"error: MLflow: {exc.message.strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    except input_errors() as exc:
+        return one_line_error(exc, uri)
     for note in analysis.notes:
         log.warning("note: %s", note)
     if not args.no_mlflow_log:

@@ -1,9 +1,11 @@
-"""Statistics over seeds: t-intervals per (configuration, label fraction), label savings with a
-seed bootstrap, and the time-vs-mIoU Pareto front.
+"""Statistics over seeds: t-intervals per (configuration, label fraction), paired verdicts
+against a reference cell with the power of the paired test, label savings with a seed bootstrap,
+time-to-target on the mean curves, and the time-vs-mIoU Pareto front.
 
-All functions take the one-row-per-trial frame of `analysis.load` (usually filtered with
-`analysed_trials`): columns `variant`, `method`, `label_fraction`, `seed`, `val_mIoU` and the
-`cum_*_s*` time columns.
+The table builders take the frames of `analysis.load` (usually filtered with `analysed_trials`):
+the one-row-per-trial frame (columns `variant`, `method`, `label_fraction`, `seed`, `val_mIoU`
+and the `cum_*_s*` time columns) or, for time-to-target, the per-epoch frame. The statistics
+under them are plain functions of arrays. docs/analysis.md gives every formula.
 """
 
 from __future__ import annotations
@@ -14,11 +16,19 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
+from scipy.optimize import brentq
 
-from analysis.load import TIME_COLUMNS
+from analysis.load import TIME_ACCOUNTING, TIME_COLUMNS
 
 CONFIDENCE = 0.95
+POWER = 0.8
 REFERENCE_FRACTION = 1.0
+# Time accountings of time-to-target, in report order, with their labels.
+TARGET_ACCOUNTINGS = {
+    "incl_pretrain": "incl. full pretraining",
+    "amortised": "incl. amortised pretraining",
+    "own": "fine-tuning only",
+}
 # Two means closer than this count as equal (">=" in the label-savings definition).
 _TIE_TOLERANCE = 1e-9
 
@@ -233,3 +243,276 @@ def pareto_front(
     ]
     points["on_front"] = ~np.array(dominated, dtype=bool)
     return points.reset_index(drop=True)
+
+
+# Paired verdicts: the unit of evidence is the per-seed difference to a reference cell.
+
+Cell = tuple[str, float]  # (variant, label fraction)
+
+
+def parse_cell(text: str) -> Cell:
+    """`supervised@1.0` -> ("supervised", 1.0): a configuration and its label fraction."""
+    variant, sep, fraction = text.rpartition("@")
+    try:
+        value = float(fraction)
+    except ValueError:
+        value = math.nan
+    if not sep or not variant or not 0 < value <= 1:
+        raise ValueError(f"{text!r} is not VARIANT@FRACTION with 0 < FRACTION <= 1")
+    return variant, value
+
+
+def bootstrap_interval(
+    values, confidence: float = CONFIDENCE, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean: `n_boot` resamples of the values with
+    replacement (generator seeded with `seed`), the (1-confidence)/2 and (1+confidence)/2
+    quantiles of their means. Fewer than two values give a NaN interval."""
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    if x.size < 2:
+        return math.nan, math.nan
+    draws = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    low, high = np.quantile(x[draws].mean(axis=1), [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(low), float(high)
+
+
+def verdict(ci_low: float, ci_high: float) -> str:
+    """`better` when the interval of the paired difference lies above 0, `worse` below 0, else
+    (it contains 0, or there is no interval) `not distinguishable`."""
+    if ci_low > 0:
+        return "better"
+    if ci_high < 0:
+        return "worse"
+    return "not distinguishable"
+
+
+def paired_power(n: int, effect: float, sd: float, alpha: float = 1 - CONFIDENCE) -> float:
+    """Power of the two-sided paired t-test with `n` pairs to detect a true mean difference
+    `effect` when the differences have standard deviation `sd`: P(|T| > t(1-alpha/2, n-1)) with
+    T noncentral t, n-1 degrees of freedom, noncentrality effect / sd * sqrt(n)."""
+    if n < 2 or not sd > 0:
+        return math.nan
+    df, noncentrality = n - 1, abs(effect) / sd * math.sqrt(n)
+    critical = sps.t.ppf(1 - alpha / 2, df)
+    right_side = sps.nct.sf(critical, df, noncentrality)
+    wrong_side = sps.nct.cdf(-critical, df, noncentrality)
+    if np.isnan(right_side):  # scipy gives NaN far out in a tail, where it is 0 or 1
+        right_side = float(noncentrality > critical)
+    return float(right_side + np.nan_to_num(wrong_side))
+
+
+def seeds_needed(
+    effect: float,
+    sd: float,
+    power: float = POWER,
+    alpha: float = 1 - CONFIDENCE,
+    max_seeds: int = 1000,
+) -> int | None:
+    """Smallest number of seeds (pairs) whose paired t-test reaches `power` for `effect`; 2 when
+    the differences do not vary, None when even `max_seeds` is not enough (or sd is unknown)."""
+    if sd == 0:
+        return 2
+    if not np.isfinite(sd) or effect == 0:
+        return None
+    for n in range(2, max_seeds + 1):
+        if paired_power(n, effect, sd, alpha) >= power:
+            return n
+    return None
+
+
+def min_detectable_effect(
+    n: int, sd: float, power: float = POWER, alpha: float = 1 - CONFIDENCE
+) -> float:
+    """Smallest true mean difference the paired t-test on `n` seeds detects with `power`, for
+    differences with standard deviation `sd` (solves paired_power = power for the effect)."""
+    if n < 2 or not np.isfinite(sd):
+        return math.nan
+    if sd == 0:
+        return 0.0
+    high = 1.0
+    while paired_power(n, high, 1.0, alpha) < power:
+        high *= 2
+    standardised = brentq(lambda d: paired_power(n, d, 1.0, alpha) - power, 0.0, high, xtol=1e-10)
+    return float(standardised * sd)
+
+
+def _cell(trials: pd.DataFrame, cell: Cell) -> pd.DataFrame:
+    variant, fraction = cell
+    return trials[(trials["variant"] == variant) & np.isclose(trials["label_fraction"], fraction)]
+
+
+def paired_differences(
+    trials: pd.DataFrame, cell: Cell, reference: Cell, metric: str = "val_mIoU"
+) -> pd.Series:
+    """Per seed: `metric` of `cell` minus `metric` of `reference` (same seed: same label subset,
+    same initialisation), on the seeds both have; indexed by seed, sorted."""
+    mine = _cell(trials, cell).groupby("seed")[metric].mean()
+    theirs = _cell(trials, reference).groupby("seed")[metric].mean()
+    both = mine.index.intersection(theirs.index).sort_values()
+    return (mine[both] - theirs[both]).rename(f"{metric}_diff")
+
+
+def default_reference(frame: pd.DataFrame) -> Cell:
+    return reference_variant(frame) or "supervised", REFERENCE_FRACTION
+
+
+def paired_verdicts(
+    trials: pd.DataFrame,
+    reference: Cell | None = None,
+    metric: str = "val_mIoU",
+    confidence: float = CONFIDENCE,
+    n_boot: int = 2000,
+    seed: int = 0,
+    power: float = POWER,
+) -> pd.DataFrame:
+    """One row per (variant, label fraction) other than `reference` (default: supervised at
+    100% labels): the paired differences to the reference, their mean and sd, the Student-t and
+    the percentile-bootstrap interval of the mean difference, the verdict word from the t
+    interval, and `mde`, the smallest effect these seeds detect with `power` at
+    alpha = 1 - confidence. Empty when the reference cell has no trials."""
+    reference = reference or default_reference(trials)
+    rows = []
+    if not _cell(trials, reference).empty:
+        cells = trials.groupby(["method", "variant", "label_fraction"], observed=True).size()
+        for method, variant, fraction in cells.index:
+            if variant == reference[0] and np.isclose(fraction, reference[1]):
+                continue
+            diffs = paired_differences(trials, (variant, fraction), reference, metric)
+            mean, low, high = t_interval(diffs, confidence)
+            boot_low, boot_high = bootstrap_interval(diffs, confidence, n_boot, seed)
+            sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else math.nan
+            rows.append(
+                {
+                    "variant": variant,
+                    "method": method,
+                    "label_fraction": fraction,
+                    "reference": f"{reference[0]}@{reference[1]}",
+                    "n_seeds": len(diffs),
+                    "seeds": " ".join(str(s) for s in diffs.index),
+                    "diffs": " ".join(f"{d:+.4f}" for d in diffs),
+                    "mean_diff": mean,
+                    "sd_diff": sd,
+                    "t_low": low,
+                    "t_high": high,
+                    "boot_low": boot_low,
+                    "boot_high": boot_high,
+                    "verdict": verdict(low, high),
+                    "mde": min_detectable_effect(len(diffs), sd, power, 1 - confidence),
+                    "power": power,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# Time-to-target: when does an arm's mean curve first reach a target mIoU?
+
+
+def crossing_times(times, values, target: float) -> np.ndarray:
+    """Rows of `times` and `values` (curves x epochs, epochs in order) -> the time each curve
+    first reaches `target`: the epoch's time if the first epoch at or above it is the first
+    epoch, else linearly interpolated between that epoch and the one before; NaN where the curve
+    never reaches it."""
+    times, values = np.atleast_2d(times).astype(float), np.atleast_2d(values).astype(float)
+    reached = values >= target - _TIE_TOLERANCE  # NaN compares False
+    first = reached.argmax(axis=1)
+    before = np.maximum(first - 1, 0)
+    rows = np.arange(len(values))
+    v0, v1 = values[rows, before], values[rows, first]
+    t0, t1 = times[rows, before], times[rows, first]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(first > 0, np.clip((target - v0) / (v1 - v0), 0.0, 1.0), 1.0)
+    return np.where(reached.any(axis=1), t0 + share * (t1 - t0), np.nan)
+
+
+def crossing_time(times, values, target: float) -> float:
+    """`crossing_times` of one curve."""
+    return float(crossing_times(np.asarray(times)[None], np.asarray(values)[None], target)[0])
+
+
+def _seed_curves(arm: pd.DataFrame, time_column: str, metric: str) -> tuple[np.ndarray, ...]:
+    """(seeds x epochs) matrices of time and metric on the epochs every seed of the arm logged."""
+    grid = arm.pivot_table(
+        index="seed", columns="epoch", values=[time_column, metric], dropna=False
+    )
+    times, values = grid[time_column], grid[metric].reindex(columns=grid[time_column].columns)
+    complete = times.notna().all() & values.notna().all()
+    return times.loc[:, complete].to_numpy(float), values.loc[:, complete].to_numpy(float)
+
+
+def final_mean(epochs: pd.DataFrame, cell: Cell, metric: str = "val_mIoU") -> float:
+    """Mean over seeds of `cell`'s last-epoch `metric` (NaN when the cell has no trials)."""
+    last = _cell(epochs, cell).sort_values("epoch").groupby("trial_id", observed=True).tail(1)
+    return float(last.groupby("seed")[metric].mean().mean()) if not last.empty else math.nan
+
+
+def time_to_target(
+    epochs: pd.DataFrame,
+    target: float | None = None,
+    reference: Cell | None = None,
+    clock: str = "wall",
+    metric: str = "val_mIoU",
+    confidence: float = CONFIDENCE,
+    n_boot: int = 2000,
+    seed: int = 0,
+    accountings: tuple[str, ...] = tuple(TARGET_ACCOUNTINGS),
+) -> pd.DataFrame:
+    """Per arm (variant, label fraction) and time accounting: the time at which the mean curve
+    over seeds (mean metric per epoch against mean cumulative time per epoch) first reaches
+    `target` (default: the final mean of `reference`, itself by default supervised at 100%),
+    see `crossing_times`; `reached` False and NaN times when it never does.
+
+    Bootstrap over seeds: each replicate draws the arm's seeds with replacement (generator
+    seeded with `seed`, the same draws for every accounting) and recomputes the mean curve and
+    its crossing. `never_share` is the share of replicates that never reach the target; they
+    count as infinitely late, so a bound that falls among them is NaN ("not reached").
+    `ratio` = the arm's time / the reference's own time-to-target on the same accounting.
+    """
+    reference = reference or default_reference(epochs)
+    if target is None:
+        target = final_mean(epochs, reference, metric)
+    if math.isnan(target):
+        return pd.DataFrame()
+    rows = []
+    alpha = 1 - confidence
+    arms = epochs.groupby(["method", "variant", "label_fraction"], observed=True)
+    for (method, variant, fraction), arm in arms:
+        for accounting in accountings:
+            column = f"cum_{clock}_s{TIME_ACCOUNTING[accounting]}"
+            times, values = _seed_curves(arm, column, metric)
+            if values.size == 0:  # no epoch that every seed logged on this clock
+                continue
+            n_seeds = len(values)
+            point = crossing_time(times.mean(axis=0), values.mean(axis=0), target)
+            draws = np.random.default_rng(seed).integers(0, n_seeds, size=(n_boot, n_seeds))
+            replicates = crossing_times(
+                times[draws].mean(axis=1), values[draws].mean(axis=1), target
+            )
+            late = np.where(np.isnan(replicates), np.inf, replicates)
+            low, high = np.quantile(late, [alpha / 2, 1 - alpha / 2], method="inverted_cdf")
+            rows.append(
+                {
+                    "variant": variant,
+                    "method": method,
+                    "label_fraction": fraction,
+                    "accounting": accounting,
+                    "time_column": column,
+                    "target": target,
+                    "n_seeds": n_seeds,
+                    "reached": not math.isnan(point),
+                    "time_s": point,
+                    "ci_low_s": low if np.isfinite(low) else math.nan,
+                    "ci_high_s": high if np.isfinite(high) else math.nan,
+                    "never_share": float(np.isnan(replicates).mean()),
+                }
+            )
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    is_reference = (table["variant"] == reference[0]) & np.isclose(
+        table["label_fraction"], reference[1]
+    )
+    own = table[is_reference].set_index("accounting")["time_s"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table["ratio"] = table["time_s"] / table["accounting"].map(own).replace(0.0, np.nan)
+    return table

@@ -124,7 +124,14 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
 
 
 class ResNetFPN(nn.Module):
-    """(N, 3, H, W) images -> list of (N, D, h_l, w_l) features, finest level first."""
+    """(N, 3, H, W) images -> list of (N, D, h_l, w_l) features, finest level first.
+
+    With ``channels_last`` (set by ``model.precision.to_channels_last``, which also converts the
+    weights) the images enter in NHWC memory order and the features leave in it; shapes and
+    values are those of the NCHW network.
+    """
+
+    channels_last: bool = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -186,6 +193,8 @@ class ResNetFPN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         body = self.body
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
         feats = OrderedDict()
         for stage in range(1, max(self.out_stages) + 1):

@@ -2,10 +2,19 @@
 
     python -m model.bench --preset nano --device cpu
     python -m model.bench --preset tiny --device cuda --batch 1
+    python -m model.bench --preset nano --device cpu --compare
 
 Prints a markdown table: train samples/s, peak memory, the step broken down into its stages,
 and multi-scale deformable attention (spatial cross-attention shapes of the preset) timed for
 every implementation that can run on the device.
+
+``--compare`` instead times each speed switch of ``model.precision`` (channels_last, fused
+AdamW, bf16 autocast, all together; on CUDA also the attention implementations) against the
+plain float32 step. The arms are interleaved in one process: every repeat runs a block of
+``--steps`` steps of each arm, in an order that rotates between repeats, on the same inputs
+from the same initial weights, after ``--warmup`` untimed steps per arm. Load from other
+processes then slows every arm alike; the ratio printed is the median over repeats of the
+paired per-repeat ratios.
 
 The step is what a training loop does per batch: the previous keyframe's BEV under no_grad
 (the history, as the official BEVFormer computes it), then forward, loss, backward and an
@@ -19,9 +28,12 @@ from __future__ import annotations
 import argparse
 import math
 import resource
+import statistics
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +42,14 @@ from model.bevformer import BEVFormerSeg
 from model.deform_attn import multi_scale_deformable_attn, resolve_impl
 from model.encoder import project_pillars
 from model.geometry import BevGrid
+from model.loop import _eval_mode
+from model.precision import (
+    autocast,
+    bf16_autocast_active,
+    fused_adamw_supported,
+    make_adamw,
+    to_channels_last,
+)
 from model.presets import PRESETS, ModelConfig, get_preset
 
 # nuScenes-like camera yaws (CAMERAS order) and a focal length of 0.79 image widths
@@ -140,11 +160,24 @@ def make_batch(cfg: ModelConfig, grid: BevGrid, batch: int, num_classes: int, de
     }
 
 
-def train_step(net, opt, batch, hooks: LossHooks, timer: Timer, autocast: bool) -> float:
-    device_type = timer.device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-        with torch.no_grad():
-            prev_bev = timer("history BEV (no_grad)", _bev_features, net, batch)
+class Untimed:
+    """A ``Timer`` stand-in that only runs the stage: whole steps are timed from outside."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, name: str, fn: Callable, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+def train_step(
+    net, opt, batch, hooks: LossHooks, timer: Timer | Untimed, amp: AbstractContextManager
+) -> float:
+    """One loop step; ``amp`` is ``model.precision.autocast(...)`` (entered twice, as the loop
+    does: history pass, then forward)."""
+    with torch.no_grad(), _eval_mode(net), amp:
+        prev_bev = timer("history BEV (no_grad)", _bev_features, net, batch)
+    with amp:
         feats = timer("backbone + FPN", net.extract_features, batch["images"])
         bev = timer(
             "encoder",
@@ -229,14 +262,215 @@ def bench_deform_attn(
     return rows, (n, queries, keys, heads, head_dim)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="nano", choices=sorted(PRESETS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--num-classes", type=int, default=4)
+# --- --compare: each switch on vs off, interleaved ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way to run the step."""
+
+    name: str
+    channels_last: bool = False
+    fused_adamw: bool = False
+    bf16: bool = False
+    attention_impl: str | None = None  # None: the preset's
+
+
+@dataclass
+class ArmState:
+    arm: Arm
+    net: BEVFormerSeg
+    opt: torch.optim.Optimizer
+    amp: AbstractContextManager
+    block_ms: list[float]  # mean ms/step of each timed block
+    step_peak_mb: float = 0.0  # CUDA: peak allocated during a block above what was resident
+
+
+def compare_arms(attention_impls: list[str]) -> tuple[list[Arm], list]:
+    """The arms and the (label, off arm, on arm) comparisons the bench prints."""
+    off = Arm("float32, NCHW, AdamW", attention_impl="pytorch" if attention_impls else None)
+    single = [
+        ("channels_last backbone", replace(off, name="channels_last", channels_last=True)),
+        ("fused AdamW", replace(off, name="fused AdamW", fused_adamw=True)),
+        ("bf16 autocast", replace(off, name="bf16 autocast", bf16=True)),
+    ]
+    everything = Arm("all three", channels_last=True, fused_adamw=True, bf16=True)
+    everything = replace(everything, attention_impl=off.attention_impl)
+    comparisons = [(label, off, arm) for label, arm in single]
+    comparisons.append(("all three together", off, everything))
+    for impl in attention_impls:
+        fast = replace(everything, name=f"all three, attention {impl}", attention_impl=impl)
+        comparisons.append((f"attention {impl} vs pytorch (all three on)", everything, fast))
+    arms = list(dict.fromkeys(a for _, x, y in comparisons for a in (x, y)))
+    return arms, comparisons
+
+
+def build_arm(arm: Arm, cfg: ModelConfig, grid: BevGrid, num_classes: int, device) -> ArmState:
+    if arm.attention_impl is not None:
+        cfg = replace(cfg, attention_impl=arm.attention_impl)
+    torch.manual_seed(0)  # every arm starts from the same weights
+    net = BEVFormerSeg(cfg, num_classes, grid).to(device).train()
+    if arm.channels_last:
+        to_channels_last(net)
+    opt = make_adamw(net.param_groups(2e-4), 2e-4, 0.01, device, fused=arm.fused_adamw)
+    return ArmState(arm, net, opt, autocast(device, arm.bf16), [])
+
+
+def run_interleaved(
+    states: list[ArmState], batch: dict, hooks: LossHooks, steps: int, repeats: int, warmup: int
+) -> None:
+    """Fill every state's ``block_ms``: ``repeats`` rounds of one ``steps``-step block per arm,
+    the arm order rotated by one each round."""
+    device = next(states[0].net.parameters()).device
+    timer = Untimed(device)
+    sync = Timer(device).sync
+    for state in states:
+        for _ in range(warmup):
+            train_step(state.net, state.opt, batch, hooks, timer, state.amp)
+    for round_ in range(repeats):
+        k = round_ % len(states)
+        for state in states[k:] + states[:k]:
+            sync()
+            if device.type == "cuda":  # every arm's weights stay resident: count the step's own
+                torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                train_step(state.net, state.opt, batch, hooks, timer, state.amp)
+            sync()
+            state.block_ms.append(1e3 * (time.perf_counter() - start) / steps)
+            if device.type == "cuda":
+                step_mb = (torch.cuda.max_memory_allocated(device) - resident) / 2**20
+                state.step_peak_mb = max(state.step_peak_mb, step_mb)
+
+
+def paired_ratios(off: ArmState, on: ArmState) -> list[float]:
+    """off/on per repeat: speed-up factors (> 1: the switch is faster)."""
+    return [a / b for a, b in zip(off.block_ms, on.block_ms, strict=True)]
+
+
+def print_comparison(states: dict[Arm, ArmState], comparisons: list, device: torch.device) -> None:
+    cuda = device.type == "cuda"
+    head = "| switch | off (ms/step) | on (ms/step) | speed-up off/on | range over repeats |"
+    print(head + (" step peak MiB off | step peak MiB on |" if cuda else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if cuda else ""))
+    for label, off_arm, on_arm in comparisons:
+        off, on = states[off_arm], states[on_arm]
+        ratios = paired_ratios(off, on)
+        row = (
+            f"| {label} | {statistics.median(off.block_ms):.1f} | "
+            f"{statistics.median(on.block_ms):.1f} | {statistics.median(ratios):.2f}x | "
+            f"{min(ratios):.2f}-{max(ratios):.2f}x |"
+        )
+        if cuda:
+            row += f" {off.step_peak_mb:.0f} | {on.step_peak_mb:.0f} |"
+        print(row)
+
+
+def compare(args, cfg: ModelConfig, grid: BevGrid, device: torch.device) -> None:
+    impls = []
+    if device.type == "cuda":
+        for fast in ("triton", "mmcv"):
+            try:
+                resolve_impl(fast, device)
+            except RuntimeError:
+                continue
+            impls.append(fast)
+    arms, comparisons = compare_arms(impls)
+    states = {arm: build_arm(arm, cfg, grid, args.num_classes, device) for arm in arms}
+    batch = make_batch(cfg, grid, args.batch, args.num_classes, device)
+    hooks = _loss_hooks(args.num_classes)
+    run_interleaved(list(states.values()), batch, hooks, args.steps, args.repeats, args.warmup)
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    bf16_note = (
+        "bf16 autocast active"
+        if bf16_autocast_active(device, True)
+        else "bf16 autocast not available here: that arm runs float32"
+    )
+    fused_note = "fused" if fused_adamw_supported(device) else "no fused kernel: foreach"
+    print(
+        f"## model.bench --compare: preset `{cfg.name}` on {dev_name} "
+        f"({torch.get_num_threads()} CPU threads, torch {torch.__version__})\n"
+    )
+    print(
+        f"batch {args.batch} x 6 cameras at {cfg.image_size[0]}x{cfg.image_size[1]}, "
+        f"{args.repeats} interleaved repeats of {args.steps} step(s) per arm after "
+        f"{args.warmup} warm-up step(s); {bf16_note}; AdamW {fused_note}; "
+        f"loss: {hooks.description}\n"
+    )
+    print_comparison(states, comparisons, device)
+    if device.type == "cuda":
+        print(
+            "\nstep peak: torch.cuda.max_memory_allocated during a block minus what was "
+            "allocated before it (weights and optimizer state of every arm stay resident)"
+        )
+    else:
+        print(f"\nprocess peak RSS, all arms: {peak_memory_mb(device):.0f} MiB")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line naming the argument, exit 2
+        _usage_error(message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _Parser(prog="python -m model.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--preset", default="nano", choices=sorted(PRESETS), help="model preset (default nano)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N (default cuda when available)",
+    )
+    parser.add_argument("--batch", type=_positive_int, default=2, help="samples per step")
+    parser.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="timed steps (default 5); with --compare, steps per block (default 3)",
+    )
+    parser.add_argument(
+        "--warmup", type=_non_negative_int, default=2, help="untimed steps first (per arm)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=5,
+        help="--compare: interleaved rounds; the medians are over these (default 5)",
+    )
+    parser.add_argument(
+        "--num-classes", type=_positive_int, default=4, help="BEV classes (default 4)"
+    )
     parser.add_argument(
         "--label-resolution",
         type=float,
@@ -244,33 +478,87 @@ def main(argv: list[str] | None = None) -> None:
         help="label grid cell in metres over 60 m x 30 m (default 0.5 for nano, else 0.15)",
     )
     parser.add_argument("--attention-impl", default=None, help="override the preset's")
-    parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast in the table (default: on CUDA yes, on CPU no; --amp on a CPU "
+        "without native bf16 runs float32)",
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="channels_last backbone in the table"
+    )
+    parser.add_argument("--fused-adamw", action="store_true", help="fused AdamW in the table")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="time each speed switch on vs off, interleaved, instead of the table",
+    )
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 3 if args.compare else 5
+    return args
 
+
+def _device_or_exit(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        _usage_error(f"--device {name}: not a device (cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        _usage_error(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            _usage_error(f"--device {name}: CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            _usage_error(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = _device_or_exit(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     overrides = {"attention_impl": args.attention_impl} if args.attention_impl else {}
-    cfg = get_preset(args.preset, **overrides)
+    try:
+        cfg = get_preset(args.preset, **overrides)
+    except ValueError as e:
+        _usage_error(f"--attention-impl {args.attention_impl}: {e}")
     resolution = args.label_resolution or (0.5 if args.preset == "nano" else 0.15)
     grid = BevGrid(resolution_m=resolution)
+    if args.compare:
+        compare(args, cfg, grid, device)
+        return
+    table(args, cfg, grid, device, resolution)
+
+
+def table(args, cfg: ModelConfig, grid: BevGrid, device: torch.device, resolution: float) -> None:
     torch.manual_seed(0)
     net = BEVFormerSeg(cfg, args.num_classes, grid).to(device).train()
-    opt = torch.optim.AdamW(net.param_groups(2e-4), lr=2e-4, weight_decay=0.01)
+    if args.channels_last:
+        to_channels_last(net)
+    opt = make_adamw(net.param_groups(2e-4), 2e-4, 0.01, device, fused=args.fused_adamw)
     batch = make_batch(cfg, grid, args.batch, args.num_classes, device)
     hooks = _loss_hooks(args.num_classes)
-    autocast = device.type == "cuda" and not args.no_amp
+    bf16 = bf16_autocast_active(device, device.type == "cuda" if args.amp is None else args.amp)
+    amp = autocast(device, bf16)
     timer = Timer(device)
 
     for _ in range(args.warmup):
-        train_step(net, opt, batch, hooks, timer, autocast)
+        train_step(net, opt, batch, hooks, timer, amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer.totals.clear()
     start = time.perf_counter()
     for _ in range(args.steps):
-        train_step(net, opt, batch, hooks, timer, autocast)
+        train_step(net, opt, batch, hooks, timer, amp)
     timer.sync()
     step_s = (time.perf_counter() - start) / args.steps
     memory_mb = peak_memory_mb(device)
@@ -279,12 +567,15 @@ def main(argv: list[str] | None = None) -> None:
     impl_used = resolve_impl(cfg.attention_impl, device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     threads = torch.get_num_threads()
+    switches = ["bf16 autocast" if bf16 else "float32"]
+    switches += ["channels_last backbone"] if args.channels_last else []
+    switches += ["fused AdamW"] if args.fused_adamw else []
     print(f"## model.bench: preset `{cfg.name}` on {dev_name} ({threads} CPU threads)\n")
     print(
         f"batch {args.batch} x 6 cameras at {cfg.image_size[0]}x{cfg.image_size[1]}, "
         f"BEV queries {cfg.bev_h}x{cfg.bev_w}, label grid {grid.height}x{grid.width} "
         f"({resolution} m), {cfg.num_layers} encoder layer(s), attention `{impl_used}`, "
-        f"{'bf16 autocast' if autocast else 'float32'}, loss: {hooks.description}\n"
+        f"{', '.join(switches)}, loss: {hooks.description}\n"
     )
     print("| metric | value |\n|---|---|")
     print(f"| train step (ms) | {1e3 * step_s:.1f} |")

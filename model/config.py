@@ -65,7 +65,13 @@ class DataConfig(Config):
     # nuscenes: required; synthetic: generated into the study folder when not given.
     dataroot: str | None = None
     version: str | None = None  # default v1.0-mini (synthetic writes that), v1.0-trainval
-    protocol: Literal["hdmapnet", "fine"] = "hdmapnet"
+    protocol: Literal["hdmapnet", "hdmapnet_filled", "fine"] = "hdmapnet"  # docs/data.md
+    # BEV labels from the map's geometry, or (synthetic data only) from the painted marks the
+    # pseudo-labels see: measures how much of pretraining's benefit is target alignment.
+    bev_label_source: Literal["map", "paint"] = "map"
+    # None: model.data.labels.LabelConfig's own defaults (0.75 m lines, 0.3 m clearing margin).
+    line_width_m: Annotated[float, Field(gt=0, le=20, allow_inf_nan=False)] | None = None
+    clear_margin_m: Annotated[float, Field(ge=0, le=20, allow_inf_nan=False)] | None = None
     pseudo_labels: Literal["synthetic", "mask2former"] | None = None  # default per source
     synthetic: SyntheticConfig = SyntheticConfig()
     num_workers: Annotated[int, Field(ge=0, le=256)] = 0

@@ -13,7 +13,13 @@ from model.presets import ModelConfig
 
 
 def label_config(data: DataConfig, model: ModelConfig) -> LabelConfig:
-    return LabelConfig(protocol=data.protocol, grid=data.label_grid(model))
+    widths = {"line_width_m": data.line_width_m, "clear_margin_m": data.clear_margin_m}
+    return LabelConfig(
+        protocol=data.protocol,
+        grid=data.label_grid(model),
+        source=data.bev_label_source,
+        **{k: v for k, v in widths.items() if v is not None},
+    )
 
 
 def make_dataset(

@@ -11,6 +11,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,22 +19,27 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_analysis_store import EPOCHS, FINAL_MIOU, SEEDS, Trial, build_store
 
-from analysis.report import FIGURES
+from analysis.report import FIGURES, LOGGED_FILES
 
 HALF_WIDTH_3_SEEDS = 4.302652729749462 * 0.02 / math.sqrt(3)
 
 
-def run_report(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m module args` in `cwd`, without $MLFLOW_TRACKING_URI."""
     env = os.environ | {"MPLBACKEND": "Agg"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(
-        [sys.executable, "-m", "analysis.report", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def run_report(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli("analysis.report", *args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +68,9 @@ def test_report_writes_html_figures_and_csvs(report):
     for name in FIGURES:
         assert (out / "figures" / f"{name}.png").is_file()
         assert (out / "figures" / f"{name}.svg").is_file()
-    for name in ("epochs.csv", "trials.csv", "summary.csv", "label_savings.csv", "class_iou.csv"):
+    for name in ("epochs.csv", "trials.csv", *LOGGED_FILES):
         assert (out / name).is_file()
+    assert {"verdicts.csv", "time_to_target.csv", "verdicts.md"} <= set(LOGGED_FILES)
 
 
 @pytest.mark.parametrize("name", FIGURES)
@@ -109,12 +116,111 @@ def test_html_holds_the_table_numbers_spec_and_environment(report):
     assert "FAILED 1" in html and "RUNNING 1" in html
 
 
+def test_verdicts_csv_has_one_row_per_cell_against_supervised_100(report):
+    # Standard store: every cell is supervised@1.0 plus a constant per seed, so the paired
+    # differences do not vary: pretrained@0.5 is +0.01 on every seed, an interval [0.01, 0.01].
+    verdicts = pd.read_csv(report["out"] / "verdicts.csv")
+    assert len(verdicts) == len(FINAL_MIOU) - 1
+    row = verdicts.query("variant == 'pretrained' and label_fraction == 0.5").iloc[0]
+    assert row["reference"] == "supervised@1.0" and row["n_seeds"] == 3
+    assert row["mean_diff"] == pytest.approx(0.01) and row["t_low"] == pytest.approx(0.01)
+    assert row["verdict"] == "better" and row["mde"] == pytest.approx(0.0, abs=1e-9)
+    assert set(verdicts["verdict"]) == {"better", "worse"}
+
+
+def test_time_to_target_csv_has_three_clocks_and_the_ratio(report):
+    # Target 0.62 (supervised@1.0 final mean, reached at its last epoch, 300 s). pretrained@0.5:
+    # mean curve 0.42 at 110 s, 0.63 at 165 s fine-tuning: 110 + 0.20 / 0.21 * 55 = 162.38 s,
+    # + 300 s whole pretraining, + 75 s amortised.
+    table = pd.read_csv(report["out"] / "time_to_target.csv")
+    rows = table.query("variant == 'pretrained' and label_fraction == 0.5").set_index("accounting")
+    fine_tuning = 110 + 0.20 / 0.21 * 55
+    for accounting, extra in (("own", 0), ("incl_pretrain", 300), ("amortised", 75)):
+        assert rows.loc[accounting, "time_s"] == pytest.approx(fine_tuning + extra)
+        assert rows.loc[accounting, "ratio"] == pytest.approx((fine_tuning + extra) / 300)
+    never = table.query("variant == 'pretrained' and label_fraction == 0.25")
+    assert not never["reached"].any() and never["time_s"].isna().all()
+
+
+def test_html_holds_the_verdict_and_time_to_target_tables(report):
+    html = (report["out"] / "report.html").read_text()
+    assert "Paired verdicts against supervised@1.0" in html
+    assert "<td>+0.0100 +0.0100 +0.0100</td>" in html and "<td>better</td>" in html
+    assert "smallest detectable (80% power)" in html
+    assert "target mIoU 0.6200" in html
+    assert "<td>162.4 [" in html and "<td>0.541</td>" in html  # fine-tuning only, pretrained@0.5
+    assert "<td>not reached</td>" in html
+    markdown = (report["out"] / "verdicts.md").read_text()
+    assert "| pretrained@0.5 | supervised@1.0 | 3 | +0.0100 +0.0100 +0.0100 |" in markdown
+
+
+def test_time_figure_marks_the_target_and_legends_only_what_is_drawn(report):
+    svg = (report["out"] / "figures" / "miou_vs_time.svg").read_text()
+    assert "target mIoU 0.620" in svg and "mean curve reaches target" in svg
+    fraction_svg = (report["out"] / "figures" / "miou_vs_fraction.svg").read_text()
+    assert "reaches it" in fraction_svg  # the savings point is drawn, so it is in the legend
+
+
+def test_t_bands_are_clipped_to_the_unit_interval():
+    from matplotlib.collections import PolyCollection
+
+    from analysis.curves import plot_miou_vs_fraction
+
+    # Two seeds at 0.01 and 0.30: the t-interval reaches far below 0 (12.7 * 0.145 wide).
+    trials = pd.DataFrame(
+        {
+            "variant": "supervised",
+            "method": "supervised",
+            "label_fraction": [0.5, 0.5, 1.0, 1.0],
+            "seed": [0, 1, 0, 1],
+            "val_mIoU": [0.01, 0.30, 0.95, 0.99],
+        }
+    )
+    fig = plot_miou_vs_fraction(trials)
+    bands = [c for c in fig.axes[0].collections if isinstance(c, PolyCollection)]
+    y = np.concatenate([p.vertices[:, 1] for band in bands for p in band.get_paths()])
+    assert bands and y.min() >= 0.0 and y.max() <= 1.0
+    assert fig.axes[0].patches[0].get_path().vertices[:, 1].max() <= 1.0 + 1e-9  # reference band
+    plt.close(fig)
+
+
+def test_time_figure_legend_has_no_target_entries_for_what_is_not_drawn():
+    from analysis.curves import plot_miou_vs_time
+    from analysis.stats import time_to_target
+
+    epochs = pd.DataFrame(
+        {
+            "trial_id": ["a", "a", "b", "b"],
+            "variant": "supervised",
+            "method": "supervised",
+            "label_fraction": 1.0,
+            "seed": [0, 0, 1, 1],
+            "epoch": [1, 2, 1, 2],
+            "val_mIoU": [0.2, 0.4, 0.2, 0.5],
+        }
+    )
+    for column in ("cum_wall_s", "cum_wall_s_incl_pretrain", "cum_wall_s_amortised"):
+        epochs[column] = 10.0 * epochs["epoch"]
+
+    def legend(fig) -> list[str]:
+        texts = [t.get_text() for t in fig.legends[0].get_texts()]
+        plt.close(fig)
+        return texts
+
+    assert legend(plot_miou_vs_time(epochs)) == ["supervised"]
+    unreachable = time_to_target(epochs, target=0.9, n_boot=10)
+    assert legend(plot_miou_vs_time(epochs, time_to_target=unreachable)) == [
+        "supervised",
+        "target mIoU 0.900",
+    ]
+
+
 def test_report_is_logged_to_the_sweep_run(report):
     client = MlflowClient(tracking_uri=report["uri"])
     exp = client.get_experiment_by_name("toy")
     sweep = client.search_runs([exp.experiment_id], "tags.`bev.role` = 'sweep'")[0]
     logged = {f.path for f in client.list_artifacts(sweep.info.run_id, "report")}
-    assert {"report/report.html", "report/summary.csv", "report/figures"} <= logged
+    assert {f"report/{name}" for name in LOGGED_FILES} | {"report/figures"} <= logged
     figures = {f.path for f in client.list_artifacts(sweep.info.run_id, "report/figures")}
     assert {f"report/figures/{name}.png" for name in FIGURES} <= figures
 

@@ -193,7 +193,7 @@ def test_label_cache_is_reused_and_keyed_by_config(synthetic_root, cache_dir, tr
     assert again.label_build_s == 0.0
     assert again.label_cache.root == train_set.label_cache.root
     assert dataset_fingerprint(synthetic_root, VERSION) in train_set.label_cache.root.name
-    wider = LabelConfig(grid=GRID, divider_width_m=1.5)
+    wider = LabelConfig(grid=GRID, line_width_m=1.5)
     other = label_cache.LabelCache(cache_dir, train_set.fingerprint, wider)
     assert other.root != train_set.label_cache.root
     config = json.loads((train_set.label_cache.root / "config.json").read_text())

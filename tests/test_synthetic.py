@@ -299,6 +299,39 @@ def test_map_markings_project_onto_painted_pixels(synthetic_root):
     assert np.median(lum_on - lum_off) > 20, np.median(lum_on - lum_off)
 
 
+@cache
+def _paint_points(root: Path, location: str) -> dict[str, tuple[np.ndarray, int]]:
+    """Per kind of painted mark: global points a quarter of the width inside each mark's
+    outline, every 0.5 m, and the Vistas id of the kind."""
+    marks = json.loads((root / "maps" / "paint" / f"{location}.json").read_text())["marks"]
+    out = {}
+    for kind in {m["kind"] for m in marks}:
+        mine = [m for m in marks if m["kind"] == kind]
+        geoms = shapely.from_wkt([m["wkt"] for m in mine])
+        inside = shapely.buffer(geoms, [-m["width_m"] / 4 for m in mine])
+        points = shapely.get_coordinates(shapely.segmentize(shapely.boundary(inside), 0.5))
+        out[kind] = (points, VISTAS_ID[mine[0]["vistas"]])
+    return out
+
+
+def test_painted_marks_file_lies_on_the_painted_pixels(synthetic_root):
+    """maps/paint/<location>.json (the BEV labels' paint source): points inside every kind of
+    mark project onto pixels of the mark's Vistas class (worn paint aside)."""
+    from model.data.synthetic.tables import PAINT_KINDS
+
+    nusc = _nusc(synthetic_root)
+    hits: dict[str, list[np.ndarray]] = {kind: [] for kind in PAINT_KINDS}
+    for scene, sd_token in _keyframe_cameras(nusc):
+        _, semantic = _images(synthetic_root, nusc, sd_token)
+        for kind, (pts, vistas_id) in _paint_points(synthetic_root, _location(nusc, scene)).items():
+            pts = pts[_near_ego(nusc, sd_token, pts)]
+            px, ok = _pixels_near(nusc, sd_token, _with_z(pts), semantic.shape, max_dist_m=8.0)
+            hits[kind].append(semantic[px[ok, 1], px[ok, 0]] == vistas_id)
+    for kind, found in hits.items():
+        found = np.concatenate(found)
+        assert len(found) > 50 and found.mean() > 0.75, (kind, len(found), found.mean())
+
+
 def test_points_far_off_the_road_are_not_road(synthetic_root):
     nusc = _nusc(synthetic_root)
     bad, n = 0, 0

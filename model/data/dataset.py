@@ -111,9 +111,10 @@ def _fingerprint(root: str, version: str, stats: tuple) -> str:
 
 
 def dataset_fingerprint(dataroot: Path | str, version: str) -> str:
-    """Content hash of the version's tables and the vector maps (what labels are made from)."""
+    """Content hash of the tables, vector maps and paint (what labels are made from)."""
     root = check_dataroot(dataroot, version)
     files = sorted((root / version).glob("*.json")) + sorted(root.glob("maps/expansion/*.json"))
+    files += sorted(root.glob("maps/paint/*.json"))  # what bev_label_source "paint" is made from
     stats = tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     return _fingerprint(str(root), version, stats)
 

@@ -3,6 +3,11 @@
     python -m model.data.prepare --dataroot DIR --version v1.0-mini [--protocol fine]
 
 Training never waits for labels after this; the label cache itself is model/data/label_cache.py.
+Bad input exits with status 2 and one line on stderr, before anything is written. The arguments
+are checked before torch and the devkit are imported, so a typo is answered at once.
+
+The argparse pieces the data CLIs share live here too: `OneLineParser`, the `type=` checks and
+`one_line`.
 """
 
 from __future__ import annotations
@@ -10,54 +15,150 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from model.data.dataset import dataset_fingerprint, index_split, split_names
-from model.data.label_cache import LabelCache, LabelJob, default_cache_dir
-from model.data.labels import PROTOCOLS, LabelConfig
-from model.geometry import BevGrid
+PROG = "python -m model.data.prepare"
+DESCRIPTION = "Precompute the BEV labels of every split of a dataroot."
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataroot", type=Path, required=True)
-    parser.add_argument("--version", default="v1.0-mini")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="hdmapnet")
-    parser.add_argument("--splits", nargs="*", help="default: every split of the dataroot")
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--divider-width-m", type=float, default=0.75)
-    parser.add_argument("--boundary-width-m", type=float, default=0.75)
-    parser.add_argument(
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, ``PROG: error: argument --x: problem``, status 2 (plain
+    argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def reject(self, option: str, problem: str):
+        """A problem with `option` found after parsing (it needs the dataroot, say)."""
+        self.error(f"argument {option}: {problem}")
+
+
+def one_line(exc: BaseException) -> str:
+    """An input error's message on one line (some carry a command on a second line)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def existing_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{path} does not exist")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is not a directory")
+    return path
+
+
+def dir_to_create(text: str) -> Path:
+    """A directory that may not exist yet, but whose nearest existing ancestor is one."""
+    path = Path(text).expanduser()
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise argparse.ArgumentTypeError(f"{existing} is a file, not a directory")
+            break
+    return path
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _parser() -> OneLineParser:
+    parser = OneLineParser(prog=PROG, description=DESCRIPTION)
+    add = parser.add_argument
+    add("--dataroot", type=existing_dir, required=True, help="nuScenes-format dataroot")
+    add("--version", default="v1.0-mini", help="table version folder (default v1.0-mini)")
+    # The label options are LabelConfig's fields (its defaults, its checks): --NAME-WITH-DASHES.
+    add("--protocol", help="label protocol, one of model.data.labels.PROTOCOLS (hdmapnet)")
+    add("--source", help="map or paint (synthetic dataroots; default map)")
+    add("--line-width-m", type=float, help="width of drawn lines in metres (0.75)")
+    add("--clear-margin-m", type=float, help="margin a higher class clears per side (0.3)")
+    add(
         "--grid",
         type=float,
         nargs=5,
         metavar=("X_MIN", "X_MAX", "Y_MIN", "Y_MAX", "RES"),
-        default=None,
         help="BEV grid in metres (default: model.geometry.BevGrid())",
     )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    add("--splits", nargs="*", help="splits to label (default: every split of the dataroot)")
+    add(
+        "--cache-dir",
+        type=dir_to_create,
+        help="label cache (default $BEVLABELS_CACHE_DIR, else ~/.cache/bevlabels)",
+    )
+    add(
+        "--workers",
+        type=int_at_least(1),
+        help="label processes (default min(cores, 8)); 1 labels in this process",
+    )
+    return parser
 
-    grid = BevGrid(*args.grid) if args.grid else BevGrid()
-    cfg = LabelConfig(
-        protocol=args.protocol,
-        grid=grid,
-        divider_width_m=args.divider_width_m,
-        boundary_width_m=args.boundary_width_m,
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+
+    from model.data.dataset import (
+        check_dataroot,
+        dataset_fingerprint,
+        index_split,
+        split_names,
+        split_scenes,
     )
+    from model.data.errors import DataError
+    from model.data.label_cache import LabelCache, LabelJob, default_cache_dir
+    from model.data.labels import LabelConfig
+    from model.geometry import BevGrid
+
+    given = {
+        name: getattr(args, name)
+        for name in ("protocol", "source", "line_width_m", "clear_margin_m", "grid")
+        if getattr(args, name) is not None
+    }
+    if "grid" in given:
+        given["grid"] = BevGrid(*given["grid"])
+    try:
+        cfg = LabelConfig(**given)
+    except ValueError as exc:  # "<field>[.<part>]: problem", for a field of `given`
+        message = one_line(exc)
+        field = message.split(":")[0].split(".")[0]
+        if field not in given:
+            raise
+        parser.reject(f"--{field.replace('_', '-')}", message.removeprefix(f"{field}: "))
+    try:
+        check_dataroot(args.dataroot, args.version)
+    except DataError as exc:
+        parser.reject("--version", one_line(exc))
     splits = args.splits or split_names(args.dataroot, args.version)
-    jobs: dict[str, LabelJob] = {}
     for split in splits:
-        for record in index_split(args.dataroot, args.version, split):
-            jobs[record.sample_token] = LabelJob(
-                record.sample_token, record.location, record.global_from_ego
-            )
-    cache = LabelCache(
-        args.cache_dir or default_cache_dir(), dataset_fingerprint(args.dataroot, args.version), cfg
-    )
-    elapsed = cache.ensure(list(jobs.values()), args.dataroot, num_workers=args.workers)
+        try:
+            split_scenes(args.dataroot, args.version, split)
+        except ValueError as exc:
+            parser.reject("--splits", one_line(exc))
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        jobs: dict[str, LabelJob] = {}
+        for split in splits:
+            for record in index_split(args.dataroot, args.version, split):
+                jobs[record.sample_token] = LabelJob(
+                    record.sample_token, record.location, record.global_from_ego
+                )
+        fingerprint = dataset_fingerprint(args.dataroot, args.version)
+        cache = LabelCache(args.cache_dir or default_cache_dir(), fingerprint, cfg)
+        elapsed = cache.ensure(list(jobs.values()), args.dataroot, num_workers=args.workers)
+    except DataError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
     print(
         f"{len(jobs)} labels ({', '.join(splits)}) cached in {cache.root} "
         f"({elapsed:.1f} s building)"

@@ -549,50 +549,112 @@ def _complete(noise_json: Path) -> bool:
         return False
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataroot", type=Path, required=True)
-    parser.add_argument("--version", default="v1.0-mini")
-    parser.add_argument("--labeler", choices=("mask2former", "synthetic"), default="mask2former")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="hdmapnet")
-    parser.add_argument("--checkpoint", type=Path, help="local Mask2Former Vistas checkpoint dir")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--noise", default="medium", help="synthetic: clean|low|medium|high")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic: corruption seed")
-    parser.add_argument("--overwrite", action="store_true", help="synthetic: replace labels")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def _noise_level(text: str) -> str:
+    try:
+        Corruption.preset(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
+
+def _parser() -> argparse.ArgumentParser:
+    from model.data.prepare import OneLineParser, existing_dir, int_at_least
+
+    parser = OneLineParser(
+        prog="python -m model.data.pseudo_labels", description=__doc__.split("\n\n")[0]
+    )
+    add = parser.add_argument
+    add("--dataroot", type=existing_dir, required=True, help="nuScenes-format dataroot")
+    add("--version", default="v1.0-mini", help="table version folder (default v1.0-mini)")
+    add(
+        "--labeler",
+        choices=("mask2former", "synthetic"),
+        default="mask2former",
+        help="Mask2Former, or the simulation for synthetic dataroots (default mask2former)",
+    )
+    add("--protocol", choices=PROTOCOLS, default="hdmapnet", help="class protocol (hdmapnet)")
+    add("--checkpoint", type=existing_dir, help="local Mask2Former Vistas checkpoint dir")
+    add("--batch-size", type=int_at_least(1), default=8, help="mask2former: images per batch")
+    add("--device", default=None, help="mask2former: cpu, cuda or cuda:N (default: cuda if any)")
+    add("--noise", type=_noise_level, default="medium", help="synthetic: clean|low|medium|high")
+    add("--seed", type=int_at_least(0), default=0, help="synthetic: corruption seed")
+    add("--overwrite", action="store_true", help="synthetic: replace labels")
+    add("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _check_device(parser, device: str) -> None:
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return
+    if kind != "cuda" or not (index == "" or index.isdigit()):
+        parser.reject("--device", f"expected cpu, cuda or cuda:N, got {device!r}")
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(index or 0) >= available:
+        parser.reject("--device", f"{device} is not available here ({available} CUDA devices)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from model.data.errors import DataError
+    from model.data.prepare import one_line
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        root = check_dataroot(args.dataroot, args.version)
+    except DataError as exc:
+        parser.reject("--version", one_line(exc))
     if args.labeler == "mask2former":
         if args.checkpoint is None:
-            parser.error("--checkpoint DIR is required for --labeler mask2former")
-        report = run_mask2former(
-            args.dataroot,
-            args.version,
-            args.checkpoint,
-            protocol=args.protocol,
-            batch_size=args.batch_size,
-            device=args.device,
-            progress=not args.quiet,
+            parser.reject("--checkpoint", "a checkpoint DIR is required for --labeler mask2former")
+        if not (args.checkpoint / "config.json").is_file():
+            parser.reject(
+                "--checkpoint",
+                f"{args.checkpoint} has no config.json (expected a directory written by "
+                "save_pretrained)",
+            )
+        if args.device is not None:
+            _check_device(parser, args.device)
+    elif not (root / "synthetic.json").is_file():
+        parser.reject(
+            "--labeler",
+            f"synthetic needs a dataroot made by python -m model.data.synthetic "
+            f"({root} has no synthetic.json)",
         )
-    else:
-        report = run_synthetic(
-            args.dataroot,
-            args.version,
-            protocol=args.protocol,
-            noise_level=args.noise,
-            seed=args.seed,
-            progress=not args.quiet,
-            overwrite=args.overwrite,
-        )
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    try:
+        if args.labeler == "mask2former":
+            report = run_mask2former(
+                root,
+                args.version,
+                args.checkpoint,
+                protocol=args.protocol,
+                batch_size=args.batch_size,
+                device=args.device,
+                progress=not args.quiet,
+            )
+        else:
+            report = run_synthetic(
+                root,
+                args.version,
+                protocol=args.protocol,
+                noise_level=args.noise,
+                seed=args.seed,
+                progress=not args.quiet,
+                overwrite=args.overwrite,
+            )
+    except DataError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
     print(
         f"{args.labeler}: wrote {report.written} labels, skipped {report.skipped} existing, "
         f"{report.images_per_s:.2f} images/s"
     )
     if args.labeler == "synthetic":
-        noise = read_noise_report(args.dataroot, args.protocol)
+        noise = read_noise_report(root, args.protocol)
         print(
             f"simulated noise {noise['noise_level']}: "
             f"pixel error rate {noise['pixel_error_rate']:.3f}"

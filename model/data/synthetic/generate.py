@@ -24,7 +24,7 @@ from model.data.synthetic.world import WHITE, YELLOW, World, make_world
 log = logging.getLogger(__name__)
 
 # Bump whenever the same arguments would produce different files.
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"  # 1.1: maps/paint/<location>.json
 
 KINDS = ("cross", "curve", "tee", "straight")
 JPEG_QUALITY = 90
@@ -252,6 +252,7 @@ def generate_dataset(
             (tmp / "semantic" / cam.name).mkdir(parents=True)
         (tmp / "samples" / "LIDAR_TOP").mkdir(parents=True)
         (tmp / "maps" / "expansion").mkdir(parents=True)
+        (tmp / "maps" / "paint").mkdir(parents=True)
         (tmp / "v1.0-mini").mkdir()
 
         jobs = [
@@ -293,6 +294,10 @@ def generate_dataset(
             members = [(i, worlds[i]) for i in range(scenes) if locations[i] == loc]
             _write_json(
                 tmp / "maps" / "expansion" / f"{loc}.json", tables.map_json(loc, members, tok)
+            )
+            _write_json(
+                tmp / "maps" / "paint" / f"{loc}.json",
+                tables.paint_json(loc, [w for _, w in members]),
             )
             img, res = tables.basemap([w for _, w in members])
             basemap_res[loc] = res

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import shapely
 from pyquaternion import Quaternion
 from shapely import affinity
 from shapely.geometry import LineString, Polygon
@@ -471,6 +472,26 @@ def map_json(location: str, worlds: list[tuple[int, World]], tok: Tokens) -> dic
     for scene, world in worlds:
         writer.add_world(world, scene)
     return writer.json()
+
+
+# The painted marks as the cameras see them (``maps/paint/<location>.json``), for BEV labels
+# aligned with the pseudo-labels (``model.data.labels``, source "paint"). Bump on a format change.
+PAINT_FORMAT_VERSION = 1
+PAINT_KINDS = ("road_divider", "lane_divider", "stop_line", "ped_crossing", "curb")
+
+
+def paint_json(location: str, worlds: list[World]) -> dict:
+    """Every painted mark and curb of a location's worlds in the global frame: its kind, its
+    Vistas class (what the semantic images call it), width across in metres, polygon as WKT."""
+    marks = []
+    for world in worlds:
+        pieces = [(p.polygon, p.kind, p.vistas, p.width_m) for p in world.paint]
+        curbs = getattr(world.curbs, "geoms", [world.curbs])
+        pieces += [(c, "curb", "Curb", world.curb_width_m) for c in curbs if not c.is_empty]
+        for poly, kind, vistas, width in pieces:
+            wkt = shapely.to_wkt(to_global(world, poly), rounding_precision=3)
+            marks.append({"kind": kind, "vistas": vistas, "width_m": _r(width), "wkt": wkt})
+    return {"version": PAINT_FORMAT_VERSION, "location": location, "marks": marks}
 
 
 def basemap(worlds: list[World]) -> tuple[np.ndarray, float]:

@@ -115,11 +115,14 @@ def centreline(start_xy, start_heading: float, pieces: list[tuple[float, float]]
 
 @dataclass
 class Paint:
-    """A painted marking: polygon, paint colour (RGB in [0, 1]) and Vistas class name."""
+    """A painted marking: polygon, paint colour (RGB in [0, 1]), Vistas class name, what it
+    marks (road_divider, lane_divider, stop_line or ped_crossing) and its width across (m)."""
 
     polygon: Polygon
     colour: tuple[float, float, float]
     vistas: str
+    kind: str
+    width_m: float
 
 
 @dataclass
@@ -143,6 +146,7 @@ class World:
     stop_lines: list[tuple[Polygon, int]]  # (polygon, ped crossing index)
     walkways: list[Polygon]
     curbs: BaseGeometry
+    curb_width_m: float
     road_dividers: list[tuple[LineString, int]]  # (line, road segment index)
     lane_dividers: list[tuple[LineString, str]]  # (line, nuScenes segment type)
     paint: list[Paint]
@@ -214,7 +218,7 @@ class _Builder:
         self.lane_dividers: list[tuple[LineString, str]] = []
         self.paint: list[Paint] = []
 
-    def line_paint(self, road: Road, d: float, s0: float, s1: float, width: float, colour, dash):
+    def line_paint(self, road: Road, d: float, s0, s1, width: float, colour, dash, kind: str):
         """Paint along offset d: solid when dash is None else (dash_m, gap_m)."""
         if s1 - s0 < 0.3:
             return
@@ -227,11 +231,8 @@ class _Builder:
             spans = [(max(a, s0), min(a + dash_m, s1)) for a in starts]
             spans = [(a, b) for a, b in spans if b - a > 0.3]
         for a, b in spans:
-            self.paint.append(
-                Paint(
-                    road.strip(d - width / 2, d + width / 2, a, b), colour, "Lane Marking - General"
-                )
-            )
+            strip = road.strip(d - width / 2, d + width / 2, a, b)
+            self.paint.append(Paint(strip, colour, "Lane Marking - General", kind, width))
 
     def add_road(self, road: Road, crossings: list[dict], style: dict):
         """Segments, lanes, dividers, crossings and their paint for one road."""
@@ -279,24 +280,15 @@ class _Builder:
                     cuts = sorted(
                         (max(n0, s0), min(n1, s1)) for n0, n1 in near if n1 > s0 and n0 < s1
                     )
+                    lane_w, dash = style["lane_w"], None if solid else style["dash"]
                     t = s0
                     for c0, c1 in cuts:
                         if c0 > t:
-                            self.line_paint(
-                                road,
-                                d,
-                                t,
-                                c0,
-                                style["lane_w"],
-                                WHITE,
-                                None if solid else style["dash"],
-                            )
-                        self.line_paint(road, d, c0, c1, style["lane_w"], WHITE, None)
+                            self.line_paint(road, d, t, c0, lane_w, WHITE, dash, "lane_divider")
+                        self.line_paint(road, d, c0, c1, lane_w, WHITE, None, "lane_divider")
                         t = max(t, c1)
                     if t < s1:
-                        self.line_paint(
-                            road, d, t, s1, style["lane_w"], WHITE, None if solid else style["dash"]
-                        )
+                        self.line_paint(road, d, t, s1, lane_w, WHITE, dash, "lane_divider")
 
             for c in here:
                 self._crossing(road, c, seg_idx, style)
@@ -314,11 +306,11 @@ class _Builder:
         colour, kind, lw = self.centre_colour, style["centre"], style["centre_w"]
         if kind == "double_solid":
             for d in (-style["centre_gap"] / 2 - lw / 2, style["centre_gap"] / 2 + lw / 2):
-                self.line_paint(road, d, s0, s1, lw, colour, None)
+                self.line_paint(road, d, s0, s1, lw, colour, None, "road_divider")
         elif kind == "solid":
-            self.line_paint(road, 0.0, s0, s1, lw, colour, None)
+            self.line_paint(road, 0.0, s0, s1, lw, colour, None, "road_divider")
         else:
-            self.line_paint(road, 0.0, s0, s1, lw, colour, style["dash"])
+            self.line_paint(road, 0.0, s0, s1, lw, colour, style["dash"], "road_divider")
 
     def _crossing(self, road: Road, c: dict, seg_idx: int, style: dict):
         r, left = road.right_edge_d, road.left_edge_d
@@ -328,16 +320,16 @@ class _Builder:
             bar, gap = style["zebra_bar"], style["zebra_gap"]
             d = r + 0.3
             while d + bar <= left - 0.3 + 1e-6:
+                strip = road.strip(d, d + bar, c["s0"], c["s1"])
                 self.paint.append(
-                    Paint(
-                        road.strip(d, d + bar, c["s0"], c["s1"]), WHITE, "Lane Marking - Crosswalk"
-                    )
+                    Paint(strip, WHITE, "Lane Marking - Crosswalk", "ped_crossing", bar)
                 )
                 d += bar + gap
         else:  # two transverse lines along the crossing's edges
             for a, b in ((c["s0"], c["s0"] + 0.3), (c["s1"] - 0.3, c["s1"])):
+                strip = road.strip(r, left, a, b)
                 self.paint.append(
-                    Paint(road.strip(r, left, a, b), WHITE, "Lane Marking - Crosswalk")
+                    Paint(strip, WHITE, "Lane Marking - Crosswalk", "ped_crossing", b - a)
                 )
         for side, (a, b) in c["stops"]:
             d0, d1 = (r, 0.0) if side == "right" else (0.0, left)
@@ -345,7 +337,7 @@ class _Builder:
                 continue
             poly = road.strip(d0, d1, a, b)
             self.stop_lines.append((poly, ped_idx))
-            self.paint.append(Paint(poly, WHITE, "Lane Marking - General"))
+            self.paint.append(Paint(poly, WHITE, "Lane Marking - General", "stop_line", b - a))
 
 
 def _crossing_at_junction(road: Road, cut: tuple[float, float], which: str, depth: float):
@@ -550,6 +542,7 @@ def make_world(
         stop_lines=builder.stop_lines,
         walkways=walkways,
         curbs=curbs,
+        curb_width_m=curb_w,
         road_dividers=builder.road_dividers,
         lane_dividers=builder.lane_dividers,
         paint=builder.paint,

@@ -1,0 +1,260 @@
+"""Speed switches of model.precision: the training step they make is the float32 NCHW one.
+
+The training comparisons run 20 steps of nano pretraining as ``model.loop.run_phase`` steps
+(``_loss_terms``: history BEV in eval mode, reprojection + temporal loss; the loop's lr
+schedule; gradient clipping) from the same weights on the same small synthetic batches, once
+per switch setting, and compare the loss curves.
+
+Tolerances are relative to the loss (|a - b| <= tol * |b|): the loss's scale depends on the
+terms, their weights and the class count, a relative bound does not. Why they differ:
+
+- fused AdamW reorders the update's float32 arithmetic only: 1e-6 (measured 2e-7);
+- channels_last reorders the convolutions' sums. The forward agrees to 1e-6, but a rounding
+  difference flips the occasional ReLU whose input lies within ~1e-6 of zero, which moves that
+  element's gradient by a whole step (BatchNorm's backward spreads it over the channel); NCHW
+  float32 and NCHW float64 differ by such flips just the same. Over 20 AdamW steps the curves
+  drift to a few 1e-5 (measured 4.6e-5), so the first step is held to 1e-6 and the curve to 1e-4;
+- bf16 autocast rounds every convolution and matmul input to 8 mantissa bits: 1e-3 (measured
+  3e-4 with all switches on).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from model import precision
+from model.backbone import ResNetFPN
+from model.bench import synthetic_rig
+from model.bevformer import BEVFormerSeg
+from model.config import PretrainConfig
+from model.geometry import BevGrid
+from model.loop import Phase, _loss_terms, _set_lr, lr_factor
+from model.losses import weighted_sum
+from model.precision import autocast, make_adamw, to_channels_last
+from model.presets import ModelConfig, get_preset
+
+CFG = get_preset("nano", image_size=(48, 80))
+GRID = BevGrid(resolution_m=1.0)  # 60 m x 30 m: a 60 x 30 label grid
+NUM_CLASSES = 4
+CPU = torch.device("cpu")
+STEPS = 20
+
+needs_bf16_cpu = pytest.mark.skipif(
+    not precision.cpu_supports_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 / AMX)"
+)
+
+
+def synthetic_batches(count: int, batch: int = 2) -> list[dict]:
+    """Batches as the loader gives them, with the previous keyframe (random images and labels
+    on a ring of six cameras, 2 m of ego motion)."""
+    gen = torch.Generator().manual_seed(0)
+    h, w = CFG.image_size
+    intrinsics, ego_from_cam = synthetic_rig(batch, (h, w), CPU)
+    prev_ego_from_ego = torch.eye(4).repeat(batch, 1, 1)
+    prev_ego_from_ego[:, 0, 3] = 2.0
+    rig = {"intrinsics": intrinsics, "ego_from_cam": ego_from_cam}
+    return [
+        {
+            "images": torch.randn(batch, 6, 3, h, w, generator=gen),
+            **rig,
+            "prev": {"images": torch.randn(batch, 6, 3, h, w, generator=gen), **rig},
+            "prev_ego_from_ego": prev_ego_from_ego,
+            "has_prev": torch.ones(batch, dtype=torch.bool),
+            "pseudo_labels": torch.randint(0, NUM_CLASSES, (batch, 6, h, w), generator=gen),
+        }
+        for _ in range(count)
+    ]
+
+
+class ConvDtypes:
+    """Record the dtypes a module computes in (a forward hook)."""
+
+    def __init__(self, module: nn.Module):
+        self.seen: set[torch.dtype] = set()
+        module.register_forward_hook(lambda mod, args, out: self.seen.add(out.dtype))
+
+
+def train_losses(
+    channels_last: bool = False, fused: bool = False, bf16: bool = False
+) -> tuple[torch.Tensor, set[torch.dtype]]:
+    """The loss of every step of a short nano pretraining run, stepped as run_phase steps, and
+    the dtypes the backbone's first convolution computed in."""
+    cfg = PretrainConfig()
+    torch.manual_seed(0)
+    net = BEVFormerSeg(CFG, NUM_CLASSES, GRID).train()
+    if channels_last:
+        to_channels_last(net)
+    conv_dtypes = ConvDtypes(net.backbone.body.conv1)
+    groups = net.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult)
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    optimizer = make_adamw(groups, cfg.optim.lr, cfg.optim.weight_decay, CPU, fused=fused)
+    phase = Phase(
+        name="pretrain",
+        cfg=cfg,
+        net=net,
+        loader=None,
+        val=None,
+        seed=0,
+        labelled_samples=0,
+        protocol="hdmapnet",
+        grid=GRID,
+        device=CPU,
+        bf16=bf16,
+        progress=False,
+        checkpoint_path=Path("unused.pt"),
+        meta={},
+    )
+    amp = autocast(CPU, bf16)
+    batches = synthetic_batches(4)
+    losses = []
+    torch.manual_seed(1)
+    for step in range(STEPS):
+        _set_lr(optimizer, lr_factor(step, STEPS, cfg.optim))
+        terms = _loss_terms(phase, batches[step % len(batches)], amp)
+        loss = weighted_sum(terms, phase.weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip_norm)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return torch.tensor(losses, dtype=torch.float64), conv_dtypes.seen
+
+
+def relative_gap(losses: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return (losses - reference).abs() / reference.abs()
+
+
+@pytest.fixture(scope="module")
+def float32_nchw_losses() -> torch.Tensor:
+    losses, conv_dtypes = train_losses()
+    assert conv_dtypes == {torch.float32}
+    return losses
+
+
+# --- what each switch does to training ---------------------------------------------------
+
+
+@needs_bf16_cpu
+def test_all_switches_keep_the_loss_curve_within_1e3_of_float32_nchw(float32_nchw_losses):
+    losses, conv_dtypes = train_losses(channels_last=True, fused=True, bf16=True)
+    assert conv_dtypes == {torch.bfloat16}  # bf16 really was on, in the history pass too
+    assert relative_gap(losses, float32_nchw_losses).max() <= 1e-3
+
+
+def test_channels_last_alone_keeps_the_loss_curve_of_nchw(float32_nchw_losses):
+    gap = relative_gap(train_losses(channels_last=True)[0], float32_nchw_losses)
+    assert gap[0] <= 1e-6  # same weights, same batch: only the sums' order differs
+    assert gap.max() <= 1e-4  # then ReLU flips drift it (module docstring)
+
+
+def test_fused_adamw_alone_keeps_the_loss_curve_of_plain_adamw(float32_nchw_losses):
+    gap = relative_gap(train_losses(fused=True)[0], float32_nchw_losses)
+    assert gap.max() <= 1e-6
+
+
+# --- channels_last backbone ----------------------------------------------------------------
+
+# ResNet-18 with DCNv2 in stage 2, two FPN inputs and an extra level: every kind of layer.
+MIXED_BACKBONE = ModelConfig(
+    backbone="resnet18",
+    backbone_out_stages=(1, 2),
+    dcn_stages=(2,),
+    num_levels=3,
+    frozen_stages=-1,
+    norm_eval=False,
+    embed_dim=32,
+    num_heads=4,
+    num_points=4,
+    z_anchors_m=(0.0, 1.0),
+)
+
+
+@pytest.mark.parametrize("cfg", [get_preset("nano"), MIXED_BACKBONE], ids=["nano", "dcn+fpn"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_last_backbone_forward_equals_nchw(cfg, training):
+    torch.manual_seed(0)
+    nchw = ResNetFPN(cfg).train(training)
+    nhwc = to_channels_last(copy.deepcopy(nchw))
+    images = torch.randn(4, 3, 64, 96)
+    with torch.no_grad():
+        want, got = nchw(images), nhwc(images)
+    assert len(got) == len(want) == cfg.num_levels
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        assert a.is_contiguous(memory_format=torch.channels_last)  # the switch is on
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+
+
+def test_to_channels_last_converts_backbone_weights_only():
+    net = to_channels_last(BEVFormerSeg(CFG, NUM_CLASSES, GRID))
+    conv = net.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    head = net.head.classifier.weight
+    assert head.is_contiguous()  # after the FPN everything stays NCHW
+    with pytest.raises(TypeError, match="channels_last"):
+        to_channels_last(nn.Linear(2, 2))
+
+
+# --- autocast ----------------------------------------------------------------------------------
+
+
+def _conv_output_dtype(amp) -> torch.dtype:
+    conv = nn.Conv2d(3, 4, 3)
+    with amp:
+        return conv(torch.randn(1, 3, 8, 8)).dtype
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_cpu_autocast_computes_convs_in_bf16_only_where_the_cpu_has_bf16(monkeypatch, supported):
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: supported)
+    want = torch.bfloat16 if supported else torch.float32
+    assert _conv_output_dtype(autocast(CPU, bf16=True)) == want
+    assert _conv_output_dtype(autocast(CPU, bf16=False)) == torch.float32
+
+
+@needs_bf16_cpu
+def test_cpu_autocast_runs_bf16_on_this_cpu():
+    assert _conv_output_dtype(autocast(CPU, bf16=True)) == torch.bfloat16
+
+
+def test_autocast_can_be_entered_again_after_it_exits():
+    amp = autocast(CPU, bf16=True)
+    assert _conv_output_dtype(amp) == _conv_output_dtype(amp)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads /proc/cpuinfo")
+def test_cpu_supports_bf16_matches_the_cpu_flags():
+    flags = set(re.findall(r"\S+", Path("/proc/cpuinfo").read_text()))
+    assert precision.cpu_supports_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+# --- fused AdamW ------------------------------------------------------------------------------
+
+
+def test_make_adamw_is_fused_on_cpu_and_keeps_the_groups_extra_keys():
+    params = [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))]
+    groups = [
+        {"params": params[:1], "lr": 0.1, "base_lr": 0.1, "name": "img_backbone"},
+        {"params": params[1:], "lr": 1.0, "base_lr": 1.0, "name": "rest"},
+    ]
+    fused = make_adamw(groups, lr=1.0, weight_decay=0.01, device=CPU, fused=True)
+    assert [g["fused"] for g in fused.param_groups] == [True, True]
+    assert [(g["base_lr"], g["name"]) for g in fused.param_groups] == [
+        (0.1, "img_backbone"),
+        (1.0, "rest"),
+    ]
+    plain = make_adamw(groups, lr=1.0, weight_decay=0.01, device=CPU, fused=False)
+    assert [g["fused"] for g in plain.param_groups] == [None, None]
+
+
+def test_make_adamw_falls_back_to_foreach_without_a_fused_kernel(monkeypatch):
+    monkeypatch.setattr(precision, "fused_adamw_supported", lambda device: False)
+    opt = make_adamw([{"params": [nn.Parameter(torch.ones(3))]}], 1.0, 0.0, CPU, fused=True)
+    assert opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]
