@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,54 @@ def test_make_adamw_falls_back_to_foreach_without_a_fused_kernel(monkeypatch):
     monkeypatch.setattr(precision, "fused_adamw_supported", lambda device: False)
     opt = make_adamw([{"params": [nn.Parameter(torch.ones(3))]}], 1.0, 0.0, CPU, fused=True)
     assert opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]
+
+
+# --- the bench that measures them (python -m model.bench --compare) -------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "huge"], "error: argument --preset: invalid choice: 'huge'"),
+        (["--steps", "0"], "error: argument --steps: must be > 0, got 0"),
+        (["--device", "tpu"], "error: --device tpu: not a device"),
+    ],
+)
+def test_bench_user_errors_exit_2_with_one_line_naming_the_argument(argv, message, capsys):
+    from model import bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_bench_refuses_cuda_without_cuda(capsys):
+    from model import bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda", "--compare"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: --device cuda: CUDA is not available\n"
+
+
+def test_bench_compares_each_switch_with_float32_and_fast_attention_with_all_switches_on():
+    from model.bench import compare_arms
+
+    arms, comparisons = compare_arms(["triton"])
+    off, everything = comparisons[0][1], comparisons[3][2]
+    assert [(label, a is off) for label, a, _ in comparisons[:4]] == [
+        ("channels_last backbone", True),
+        ("fused AdamW", True),
+        ("bf16 autocast", True),
+        ("all three together", True),
+    ]
+    assert not (off.channels_last or off.fused_adamw or off.bf16)
+    assert everything.channels_last and everything.fused_adamw and everything.bf16
+    assert comparisons[4][1:] == (
+        everything,
+        replace(everything, name=comparisons[4][2].name, attention_impl="triton"),
+    )
+    assert len(arms) == 6  # off, three singles, all three, all three + triton

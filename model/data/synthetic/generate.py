@@ -95,6 +95,17 @@ def _place(worlds: list[World], locations: list[str], rng: np.random.Generator) 
             worlds[i].global_from_local = a
 
 
+def _pool_context():
+    # Not plain fork: the caller may hold threads (cv2's pool, torch, Ray), and a child forked
+    # while one of them holds a lock hangs in cv2.setNumThreads (seen in the test suite). A
+    # fork server is a clean single-threaded process that imports the renderer once.
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["model.data.synthetic.generate"])
+    return ctx
+
+
 def _worker_init() -> None:
     # One thread per worker: the pool already uses every core.
     cv2.setNumThreads(1)
@@ -278,9 +289,7 @@ def generate_dataset(
                     infos.append(info)
                     bar.update(samples_per_scene * len(rig))
             else:
-                methods = mp.get_all_start_methods()
-                ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-                with ctx.Pool(workers, initializer=_worker_init) as pool:
+                with _pool_context().Pool(workers, initializer=_worker_init) as pool:
                     for info in pool.imap(_render_scene, jobs):
                         infos.append(info)
                         bar.update(samples_per_scene * len(rig))
