@@ -48,7 +48,7 @@ from harness.tracking import (
     sqlite_uri,
 )
 from harness.trial import SweepContext, run_trial
-from harness.trials import Trial, expand_trials, pretrain_shares
+from harness.trials import ResolvedTrial, Trial, expand_trials, pretrain_shares
 from model import names
 from model.names import ROLE
 
@@ -216,6 +216,8 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial]) -> int:
     from model.data.dataset import dataset_fingerprint
 
     fingerprint = dataset_fingerprint(dataroot, version)
+    resolved = [t.resolve(spec) for t in trials]
+    source = source_tags(f"harness.sweep {args.spec}")
     tracker = Tracker(
         tracking_uri,
         spec.experiment,
@@ -233,7 +235,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial]) -> int:
     else:
         ray_path = storage / "ray" / f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}"
         sweep_run_id = start_sweep_run(
-            spec, args.spec, args.overrides, tracker, fingerprint, trials
+            spec, args.spec, args.overrides, tracker, fingerprint, resolved, source
         )
         log.info("sweep %s: MLflow run %s in %s", ray_path.name, sweep_run_id, tracking_uri)
     write_state(
@@ -261,8 +263,8 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial]) -> int:
         version=version,
         dataset_fingerprint=fingerprint,
         spec=spec.model_dump(mode="json"),
-        source_tags=source_tags(f"harness.sweep {args.spec}"),
-        pretrain_shares=pretrain_shares((t.resolve(spec) for t in trials), fingerprint),
+        source_tags=source,
+        pretrain_shares=pretrain_shares(resolved, fingerprint),
     )
 
     planned = spec.optuna.num_samples if spec.optuna else len(trials)
@@ -361,14 +363,15 @@ def start_sweep_run(
     overrides: list[str],
     tracker: Tracker,
     fingerprint: str,
-    trials: list[Trial],
+    resolved: list[ResolvedTrial],
+    source: dict[str, str],
 ) -> str:
     commit, dirty = git_commit()
     run = tracker.client.create_run(
         tracker.experiment_id,
         run_name=f"{spec.study}-sweep-{time.strftime('%Y%m%d-%H%M%S')}",
         tags={
-            **source_tags(f"harness.sweep {spec_path}"),
+            **source,
             ROLE: "sweep",
             "bev.study": spec.study,
             "bev.git_commit": commit,
@@ -382,15 +385,15 @@ def start_sweep_run(
     run_id = run.info.run_id
     tracker.log_params(run_id, flatten(spec.model_dump(mode="json")))
     tracker.log_text(run_id, Path(spec_path).read_text(), "spec.yaml")
-    resolved = {
+    spec_json = {
         "spec": spec.model_dump(mode="json"),
         "overrides": overrides,
         "storage_dir": str(spec.storage_dir()),
-        "trials": [t.to_dict() | {"name": t.resolve(spec).name, "trial_id": t.key} for t in trials],
+        "trials": [r.trial.to_dict() | {"name": r.name, "trial_id": r.trial.key} for r in resolved],
     }
-    tracker.log_json(run_id, resolved, "resolved_spec.json")
+    tracker.log_json(run_id, spec_json, "resolved_spec.json")
     tracker.log_json(run_id, environment_info(), "environment.json")
-    total = spec.optuna.num_samples if spec.optuna else len(trials)
+    total = spec.optuna.num_samples if spec.optuna else len(resolved)
     tracker.log_metrics(run_id, {"sweep/trials_total": total}, step=0)
     return run_id
 
