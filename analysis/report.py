@@ -51,6 +51,7 @@ from analysis.stats import (
     summarise,
     time_to_target,
 )
+from model.cli import OneLineParser, int_at_least
 
 log = logging.getLogger(__name__)
 
@@ -477,24 +478,6 @@ def log_to_sweep_run(study: Study, out_dir: Path) -> str | None:
 # --- the CLI ------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line naming the argument, status 2 (no usage)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _int_at_least(minimum: int, why: str = ""):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}{why}, got {value}")
-        return value
-
-    return parse
-
-
 def _fraction(upper_inclusive: bool):
     """A number in (0, 1), or in (0, 1] with `upper_inclusive`."""
 
@@ -537,7 +520,7 @@ def _output_dir(text: str) -> Path:
 def study_parser(prog: str, description: str, experiment_help: str) -> argparse.ArgumentParser:
     """A parser with the options every analysis CLI shares: `--experiment`, `--tracking-uri`,
     `--reference`; usage errors are one line."""
-    parser = _Parser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     parser.add_argument("--experiment", type=_experiment, required=True, help=experiment_help)
     parser.add_argument(
         "--tracking-uri",
@@ -632,12 +615,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--n-boot",
-        type=_int_at_least(100, " (fewer resamples give unstable intervals)"),
+        type=int_at_least(100, " (fewer resamples give unstable intervals)"),
         default=2000,
         help="bootstrap replicates (default 2000)",
     )
     parser.add_argument(
-        "--seed", type=_int_at_least(0), default=0, help="bootstrap generator seed (default 0)"
+        "--seed", type=int_at_least(0), default=0, help="bootstrap generator seed (default 0)"
     )
     parser.add_argument(
         "--clock", choices=("wall", "gpu"), default="wall", help="time clock (default wall)"

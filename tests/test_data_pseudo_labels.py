@@ -269,3 +269,13 @@ def test_fine_perspective_classes_name_their_bev_channels():
         "stop_line",
     ]
     assert pl.pseudo_channel_groups("hdmapnet") == [[0], [1], [2], [3]]
+
+
+def test_hdmapnet_filled_reads_the_hdmapnet_pseudo_labels():
+    from model.data.labels import PSEUDO_LABEL_PROTOCOL
+    from model.data.pseudo_labels import pseudo_channel_groups
+
+    # Only the BEV rasterisation differs: same perspective classes, same BEV channels.
+    assert PSEUDO_LABEL_PROTOCOL["hdmapnet_filled"] == "hdmapnet"
+    assert pseudo_channel_groups("hdmapnet_filled") == pseudo_channel_groups("hdmapnet")
+    assert pseudo_channel_groups("hdmapnet") == [[0], [1], [2], [3]]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.cli import OneLineParser
 from model.geometry import BevGrid
 from model.metrics import ArgmaxIoU
 from model.names import MIOU, iou_name
@@ -237,12 +238,6 @@ def diagnose(
 # --- CLI -------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -253,10 +248,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _parser() -> _Parser:
+def _parser() -> OneLineParser:
     from model.data.labels import SOURCES
 
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--dataroot", type=Path, required=True, help="nuScenes-format dataroot")
     add("--version", default="v1.0-mini", help="table version folder (v1.0-mini)")
@@ -290,7 +285,7 @@ def _parser() -> _Parser:
     return parser
 
 
-def _checked_inputs(parser: _Parser, args: argparse.Namespace):
+def _checked_inputs(parser: OneLineParser, args: argparse.Namespace):
     """Everything the run needs, checked before anything is written; exit 2 naming the flag."""
     from model.data.dataset import index_split, pseudo_label_command, pseudo_label_path
     from model.data.errors import DataError

@@ -34,7 +34,7 @@ from model.data.errors import (
     MissingPseudoLabelsError,
 )
 from model.data.label_cache import LabelCache, LabelJob, default_cache_dir
-from model.data.labels import LabelConfig
+from model.data.labels import PSEUDO_LABEL_PROTOCOL, LabelConfig
 from model.geometry import CAMERAS, invert_transform, scale_intrinsics, transform_from_pose
 
 log = logging.getLogger(__name__)
@@ -373,9 +373,14 @@ class NuScenesBevDataset(Dataset):
             counts[r.scene_name] = counts.get(r.scene_name, 0) + 1
         return counts
 
+    @property
+    def _pseudo_protocol(self) -> str:
+        """The perspective classes the pseudo-labels use (hdmapnet_filled's are hdmapnet's)."""
+        return PSEUDO_LABEL_PROTOCOL[self.label_cfg.protocol]
+
     def _pseudo_path(self, image_path: Path) -> Path:
         return pseudo_label_path(
-            self.dataroot, self.pseudo_labels, self.label_cfg.protocol, image_path
+            self.dataroot, self.pseudo_labels, self._pseudo_protocol, image_path
         )
 
     def _check_pseudo_labels(self) -> None:
@@ -386,7 +391,7 @@ class NuScenesBevDataset(Dataset):
                 missing,
                 len(wanted),
                 pseudo_label_command(
-                    self.dataroot, self.version, self.pseudo_labels, self.label_cfg.protocol
+                    self.dataroot, self.version, self.pseudo_labels, self._pseudo_protocol
                 ),
             )
 
@@ -422,7 +427,7 @@ class NuScenesBevDataset(Dataset):
                 [path],
                 1,
                 pseudo_label_command(
-                    self.dataroot, self.version, self.pseudo_labels, self.label_cfg.protocol
+                    self.dataroot, self.version, self.pseudo_labels, self._pseudo_protocol
                 ),
             )
         label = read_image(path, cv2.IMREAD_UNCHANGED)

@@ -5,71 +5,18 @@
 Training never waits for labels after this; the label cache itself is model/data/label_cache.py.
 Bad input exits with status 2 and one line on stderr, before anything is written. The arguments
 are checked before torch and the devkit are imported, so a typo is answered at once.
-
-The argparse pieces the data CLIs share live here too: `OneLineParser`, the `type=` checks and
-`one_line`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
+
+from model.cli import OneLineParser, dir_to_create, existing_dir, int_at_least, one_line
 
 PROG = "python -m model.data.prepare"
 DESCRIPTION = "Precompute the BEV labels of every split of a dataroot."
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line, ``PROG: error: argument --x: problem``, status 2 (plain
-    argparse prints the usage first)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-    def reject(self, option: str, problem: str):
-        """A problem with `option` found after parsing (it needs the dataroot, say)."""
-        self.error(f"argument {option}: {problem}")
-
-
-def one_line(exc: BaseException) -> str:
-    """An input error's message on one line (some carry a command on a second line)."""
-    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-
-
-def existing_dir(text: str) -> Path:
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{path} does not exist")
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} is not a directory")
-    return path
-
-
-def dir_to_create(text: str) -> Path:
-    """A directory that may not exist yet, but whose nearest existing ancestor is one."""
-    path = Path(text).expanduser()
-    for existing in (path, *path.parents):
-        if existing.exists():
-            if not existing.is_dir():
-                raise argparse.ArgumentTypeError(f"{existing} is a file, not a directory")
-            break
-    return path
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def _parser() -> OneLineParser:

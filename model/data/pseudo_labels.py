@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from model.data.dataset import check_dataroot, load_nuscenes, pseudo_label_path, read_image
 from model.data.label_cache import atomic_write_bytes, write_png
-from model.data.labels import PROTOCOLS
+from model.data.labels import PSEUDO_LABEL_PROTOCOL
 from model.data.vistas import VISTAS_CLASSES
 from model.geometry import CAMERAS
 from model.names import IGNORE
@@ -65,14 +65,13 @@ PSEUDO_TO_BEV: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 def pseudo_channel_groups(protocol: str) -> list[list[int]]:
-    """For each perspective class id, the BEV channel indices it stands for (PSEUDO_TO_BEV)."""
+    """For each perspective class id, the channel indices of BEV ``protocol`` it stands for
+    (PSEUDO_TO_BEV of the protocol's pseudo-label classes)."""
     from model.data.labels import class_names
 
     bev = class_names(protocol)
-    return [
-        [bev.index(name) for name in PSEUDO_TO_BEV[protocol][pseudo]]
-        for pseudo in PSEUDO_CLASSES[protocol]
-    ]
+    pseudo = PSEUDO_LABEL_PROTOCOL[protocol]
+    return [[bev.index(name) for name in PSEUDO_TO_BEV[pseudo][c]] for c in PSEUDO_CLASSES[pseudo]]
 
 
 # Flat, paved ground that carries no marking: the BEV says "background" there. Uneven or
@@ -113,10 +112,6 @@ VISTAS_TO_PROTOCOL: dict[str, dict[str, str]] = {
         "Curb Cut": "background",
     },
 }
-# hdmapnet_filled differs from hdmapnet only in how the BEV labels are drawn (crossings as
-# filled polygons): its perspective classes are hdmapnet's.
-for _table in (PSEUDO_CLASSES, PSEUDO_TO_BEV, VISTAS_TO_PROTOCOL):
-    _table["hdmapnet_filled"] = _table["hdmapnet"]
 
 
 def _normalise(name: str) -> str:
@@ -125,7 +120,7 @@ def _normalise(name: str) -> str:
 
 def class_lookup(id2label: Mapping[int, str], protocol: str) -> np.ndarray:
     """(256,) uint8 table: a checkpoint's class id -> perspective class id (255 ignore)."""
-    if protocol not in PROTOCOLS:
+    if protocol not in PSEUDO_CLASSES:
         raise ValueError(f"unknown protocol {protocol!r}")
     ours = {_normalise(k): v for k, v in VISTAS_TO_PROTOCOL[protocol].items()}
     ids = PSEUDO_CLASSES[protocol]
@@ -146,7 +141,7 @@ def class_lookup(id2label: Mapping[int, str], protocol: str) -> np.ndarray:
     return table
 
 
-VISTAS_LOOKUP = {p: class_lookup(dict(enumerate(VISTAS_CLASSES)), p) for p in PROTOCOLS}
+VISTAS_LOOKUP = {p: class_lookup(dict(enumerate(VISTAS_CLASSES)), p) for p in PSEUDO_CLASSES}
 
 
 # --- which images ----------------------------------------------------------------------------
@@ -336,7 +331,7 @@ def corrupt_label(
 ) -> np.ndarray:
     """A simulated pseudo-label from a clean perspective label (both uint8, 255 = ignore)."""
     classes = PSEUDO_CLASSES[protocol]
-    if protocol in ("hdmapnet", "hdmapnet_filled"):
+    if protocol == "hdmapnet":
         surface, markings, edge = 0, [1, 2], 3  # what lies under markings; marking ids; curbs
         thin = [1]
     else:
@@ -531,6 +526,7 @@ def ensure_synthetic(dataroot: Path | str, version: str, protocol: str) -> None:
     that is not synthetic or already has them."""
     from filelock import FileLock
 
+    protocol = PSEUDO_LABEL_PROTOCOL[protocol]  # the perspective classes of the BEV protocol
     root = Path(dataroot)
     noise = root / "pseudo_labels" / "synthetic" / protocol / "noise.json"
     if not (root / "synthetic.json").is_file() or _complete(noise):
@@ -558,7 +554,7 @@ def _noise_level(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from model.data.prepare import OneLineParser, existing_dir, int_at_least
+    from model.cli import OneLineParser, existing_dir, int_at_least
 
     parser = OneLineParser(
         prog="python -m model.data.pseudo_labels", description=__doc__.split("\n\n")[0]
@@ -572,7 +568,12 @@ def _parser() -> argparse.ArgumentParser:
         default="mask2former",
         help="Mask2Former, or the simulation for synthetic dataroots (default mask2former)",
     )
-    add("--protocol", choices=PROTOCOLS, default="hdmapnet", help="class protocol (hdmapnet)")
+    add(
+        "--protocol",
+        choices=tuple(PSEUDO_CLASSES),
+        default="hdmapnet",
+        help="perspective class protocol (hdmapnet; hdmapnet_filled reads hdmapnet's)",
+    )
     add("--checkpoint", type=existing_dir, help="local Mask2Former Vistas checkpoint dir")
     add("--batch-size", type=int_at_least(1), default=8, help="mask2former: images per batch")
     add("--device", default=None, help="mask2former: cpu, cuda or cuda:N (default: cuda if any)")
@@ -597,8 +598,8 @@ def _check_device(parser, device: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from model.cli import one_line
     from model.data.errors import DataError
-    from model.data.prepare import one_line
 
     parser = _parser()
     args = parser.parse_args(argv)

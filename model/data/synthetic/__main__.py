@@ -12,13 +12,9 @@ import re
 import sys
 from pathlib import Path
 
+from model.cli import OneLineParser
+
 PROG = "python -m model.data.synthetic"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse prints the usage too)
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        sys.exit(2)
 
 
 def _int_at_least(minimum: int):
@@ -47,7 +43,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog=PROG, description="Write a synthetic nuScenes-format dataroot.")
+    parser = OneLineParser(prog=PROG, description="Write a synthetic nuScenes-format dataroot.")
     parser.add_argument("--out", required=True, type=Path, help="dataroot to create")
     parser.add_argument("--scenes", type=_positive, default=12, help="number of scenes (12)")
     parser.add_argument(
