@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pandas as pd
 
+from analysis.alignment import alignment_runs
 from model import names
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Study:
     class_names: list[str]
     sweep: SweepInfo | None = None
     warnings: list[str] = field(default_factory=list)
+    # One row per pretraining run with its target alignment (analysis.alignment).
+    alignment: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def status_counts(self) -> dict[str, int]:
@@ -428,6 +431,7 @@ def load_study(experiment: str, tracking_uri: str | None = None, progress: bool 
         class_names=class_names,
         sweep=_sweep_info(client, exp.experiment_id, runs),
         warnings=warnings,
+        alignment=alignment_runs(_search_all(client, exp.experiment_id, "pretrain")),
     )
 
 

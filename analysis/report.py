@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
+from analysis.alignment import alignment_table
 from analysis.load import (
     AnalysisError,
     Study,
@@ -87,6 +88,7 @@ class Analysis:
     power: float
     savings: pd.DataFrame
     class_iou: pd.DataFrame
+    alignment: pd.DataFrame  # target alignment of the pretraining runs (analysis.alignment)
     confidence: float
     clock: str
     n_boot: int
@@ -149,6 +151,7 @@ def analyse(
         power=power,
         savings=savings,
         class_iou=class_iou_table(trials, study.class_names),
+        alignment=alignment_table(study.alignment, study.class_names),
         confidence=confidence,
         clock=clock,
         n_boot=n_boot,
@@ -400,6 +403,7 @@ def render_html(analysis: Analysis, figure_pngs: dict[str, Path]) -> str:
         "power": analysis.power,
         "summary_html": table(analysis.summary),
         "class_iou_html": table(analysis.class_iou),
+        "alignment_html": table(analysis.alignment) if not analysis.alignment.empty else None,
         "trials_html": table(study.trials[[c for c in TRIAL_COLUMNS if c in study.trials]]),
         "sweep": sweep,
         "sweep_environment": json.dumps(sweep.environment, indent=2, sort_keys=True)
@@ -435,6 +439,7 @@ def write_report(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
         "time_to_target.csv": analysis.time_to_target,
         "label_savings.csv": analysis.savings,
         "class_iou.csv": analysis.class_iou,
+        "alignment.csv": analysis.alignment,
     }
     for name, frame in csvs.items():
         frame.to_csv(out_dir / name, index=False)
@@ -454,6 +459,7 @@ LOGGED_FILES = (
     "verdicts.md",
     "label_savings.csv",
     "class_iou.csv",
+    "alignment.csv",
 )
 
 

@@ -209,6 +209,7 @@ def ensure_pretraining(
                     runtime=core_runtime(resolved),
                     on_epoch=on_epoch,
                 )
+            log_alignment(tracker, run_id, resolved, context, checkpoint)
         except Exception as exc:
             tracker.finish(run_id, "FAILED", error=error_text(exc))
             raise
@@ -238,6 +239,22 @@ def ensure_pretraining(
         run_id=entry.meta["run_id"],
         built_here=entry.built_here,
     )
+
+
+def log_alignment(
+    tracker: Tracker, run_id: str, resolved: ResolvedTrial, context: SweepContext, checkpoint
+) -> None:
+    """The pretraining's target alignment on val (``align/*``, model.diagnostics), logged at
+    its last epoch; skipped with ``runtime.alignment: false``."""
+    runtime = core_runtime(resolved)
+    if not runtime.alignment:
+        return
+    from model.diagnostics import checkpoint_alignment
+
+    metrics = checkpoint_alignment(
+        core_data(resolved, context), checkpoint, resolved.pretrain, runtime
+    )
+    tracker.log_metrics(run_id, metrics, step=0)
 
 
 # --- the core's arguments ----------------------------------------------------------------------

@@ -294,6 +294,9 @@ class RuntimeConfig(Config):
     # After each validation, render the first val sample's BEV prediction beside its label
     # (EpochReport.preview), for a tracker to show how a trial learns.
     preview: bool = False
+    # After a pretraining, measure its target alignment on the val split (model.diagnostics:
+    # reach, ceiling, the head on reached cells, perspective IoU): one extra val pass.
+    alignment: bool = True
 
 
 # --- what the loops report -----------------------------------------------------------------------

@@ -78,6 +78,11 @@ STEPS = "train/steps"  # optimiser steps so far (pretraining: pretrain/steps)
 BEST_PREFIX, BEST_EPOCH = "best/", "best/epoch"
 
 
+# A pretraining's target alignment on val (model.diagnostics): ``align/reach``,
+# ``align/ceiling_mIoU``, ``align/head_reached_mIoU``, ...
+ALIGN_PREFIX = "align/"
+
+
 def best_metric(name: str) -> str:
     """``val/mIoU`` -> ``best/val_mIoU``."""
     return BEST_PREFIX + name.replace("/", "_")

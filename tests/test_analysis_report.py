@@ -215,6 +215,17 @@ def test_time_figure_legend_has_no_target_entries_for_what_is_not_drawn():
     ]
 
 
+def test_alignment_csv_summarises_the_pretraining_runs(report):
+    table = pd.read_csv(report["out"] / "alignment.csv").set_index("statistic")
+    seeds = (0, 1, 2, 3)  # one pretraining run per seed in the standard store (3: running trial)
+    assert table.loc["reach", "mean"] == pytest.approx(0.315)  # (0.30 + ... + 0.33) / 4
+    assert table.loc["ceiling_mIoU", "min"] == pytest.approx(0.12)
+    assert table.loc["ceiling_mIoU", "max"] == pytest.approx(0.18)
+    assert table.loc["reach_divider", "runs"] == len(seeds)
+    assert "head_reached_mIoU" in table.index and "perspective_mIoU" not in table.index
+    assert "Target alignment of the pretraining" in (report["out"] / "report.html").read_text()
+
+
 def test_report_is_logged_to_the_sweep_run(report):
     client = MlflowClient(tracking_uri=report["uri"])
     exp = client.get_experiment_by_name("toy")

@@ -59,6 +59,15 @@ class Trial:
         return f"{self.method}-f{self.label_fraction:g}-s{self.seed}"
 
 
+# The target alignment each pretraining run logs, by seed (model.diagnostics' names).
+ALIGNMENT = {
+    "reach": lambda seed: 0.30 + 0.01 * seed,
+    "reach_divider": lambda seed: 0.50,
+    "ceiling_mIoU": lambda seed: 0.12 + 0.02 * seed,
+    "head_reached_mIoU": lambda seed: 0.05,
+}
+
+
 def standard_trials() -> list[Trial]:
     trials = [
         Trial(method, fraction, seed, miou)
@@ -139,7 +148,8 @@ def build_store(
         client.log_batch(
             run.info.run_id,
             metrics=[Metric("pretrain/loss", 1.0 / e, now, e) for e in (1, 2)]
-            + [Metric("time/cum_wall_s", PRETRAIN_WALL_S * e / 2, now, e) for e in (1, 2)],
+            + [Metric("time/cum_wall_s", PRETRAIN_WALL_S * e / 2, now, e) for e in (1, 2)]
+            + [Metric(f"align/{k}", v(seed), now, 0) for k, v in ALIGNMENT.items()],
         )
         client.set_terminated(run.info.run_id, "FINISHED")
         pretrain_ids[seed] = run.info.run_id

@@ -178,6 +178,16 @@ def test_pretraining_runs_once_for_the_trials_that_share_it(small_sweep):
     assert [m.step for m in small_sweep.history(pretrain.info.run_id, "time/cum_wall_s")] == [1]
 
 
+def test_the_pretraining_run_logs_its_target_alignment_on_val(small_sweep):
+    (pretrain,) = small_sweep.runs("pretrain")
+    m = pretrain.data.metrics
+    for name in ("reach", "ceiling_mIoU", "ceiling_reached_mIoU", "perspective_mIoU"):
+        assert 0.0 < m[f"align/{name}"] <= 1.0, name
+    for name in ("head_reached_mIoU", "head_perspective_mIoU"):
+        assert 0.0 <= m[f"align/{name}"] <= 1.0, name
+    assert {"align/reach_divider", "align/head_reached_IoU_divider"} <= set(m)
+
+
 def test_pretrained_trials_add_the_whole_and_the_shared_pretraining_time(small_sweep):
     (pretrain,) = small_sweep.runs("pretrain")
     pre_wall = pretrain.data.metrics["time/cum_wall_s"]
