@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model.geometry import BevGrid
+from model.geometry import BevGrid, check_grid
 from model.presets import PRESETS, ModelConfig, get_preset
 
 # Label-grid resolution when DataConfig.grid is not given: HDMapNet's 60 m x 30 m at 0.15 m,
@@ -84,9 +84,19 @@ class DataConfig(Config):
 
     @model_validator(mode="after")
     def _source_rules(self) -> DataConfig:
+        if self.grid is not None:
+            try:
+                check_grid(self.grid)
+            except ValueError as exc:
+                raise ValueError(f"data.{exc}") from None
         if self.source == "nuscenes":
             if not self.dataroot:
                 raise ValueError("data.dataroot is required when data.source is 'nuscenes'")
+            if self.bev_label_source == "paint":
+                raise ValueError(
+                    "data.bev_label_source: 'paint' labels exist only for synthetic data (their "
+                    "painted marks are known exactly); nuScenes has map labels only: allowed: map"
+                )
             if self.pseudo_labels == "synthetic":
                 raise ValueError(
                     "data.pseudo_labels: 'synthetic' pseudo-labels exist only for synthetic data;"

@@ -13,6 +13,8 @@ x in [x_max - (r + 1) * res, x_max - r * res] and y in [y_max - (c + 1) * res, y
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,3 +109,48 @@ def scale_intrinsics(img_from_cam: np.ndarray, sx: float, sy: float) -> np.ndarr
     out[1, 1] *= sy
     out[1, 2] = (out[1, 2] + 0.5) * sy - 0.5
     return out
+
+
+def check_number(name: str, value, minimum: float, strict: bool) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite real number above ``minimum``
+    (or equal to it, without ``strict``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name}: must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
+
+
+def check_grid(grid) -> BevGrid:
+    """``grid`` (a BevGrid or a mapping of its fields) checked: finite bounds, max > min, a
+    resolution > 0 that divides both extents and leaves at least one cell; ValueError naming
+    the field otherwise."""
+    if isinstance(grid, dict):
+        try:
+            grid = BevGrid(**grid)
+        except TypeError as exc:
+            raise ValueError(f"grid: {exc}") from None
+    if not isinstance(grid, BevGrid):
+        raise ValueError(f"grid: must be a BevGrid or a mapping of its fields, got {grid!r}")
+    for name in ("x_min_m", "x_max_m", "y_min_m", "y_max_m"):
+        check_number(f"grid.{name}", getattr(grid, name), -math.inf, False)
+    check_number("grid.resolution_m", grid.resolution_m, 0.0, True)
+    for low, high in (("x_min_m", "x_max_m"), ("y_min_m", "y_max_m")):
+        if getattr(grid, high) <= getattr(grid, low):
+            raise ValueError(
+                f"grid.{high}: must be > grid.{low} ({getattr(grid, low)!r}), "
+                f"got {getattr(grid, high)!r}"
+            )
+    for axis, extent in (("x", grid.x_max_m - grid.x_min_m), ("y", grid.y_max_m - grid.y_min_m)):
+        cells = extent / grid.resolution_m
+        if cells >= 0.5 and abs(cells - round(cells)) > 1e-6 * max(cells, 1.0):
+            raise ValueError(
+                f"grid.resolution_m: {grid.resolution_m!r} m does not divide the grid's "
+                f"{extent:g} m along {axis} ({cells:.2f} cells): cells would not be square"
+            )
+    if grid.height < 1 or grid.width < 1:
+        raise ValueError(
+            f"grid.resolution_m: {grid.resolution_m!r} m makes the grid empty "
+            f"({grid.height} x {grid.width} cells over {grid.x_max_m - grid.x_min_m:g} m x "
+            f"{grid.y_max_m - grid.y_min_m:g} m)"
+        )
+    return grid

@@ -114,6 +114,39 @@ BAD_SPECS = {
             "did you mean 'nuscenes'?",
         ],
     ),
+    # BEV labels (docs/data.md): protocol, source, band width, grid.
+    "unknown_protocol": (
+        "data: {protocol: hdmap}",
+        ["{file}: data.protocol: unknown value 'hdmap'", "did you mean 'hdmapnet'?"],
+    ),
+    "unknown_label_source": (
+        "data: {bev_label_source: paints}",
+        ["{file}: data.bev_label_source: unknown value 'paints'; allowed: map, paint"],
+    ),
+    "paint_labels_on_nuscenes": (
+        "data: {source: nuscenes, dataroot: /data/nuscenes, bev_label_source: paint}",
+        ["{file}: data: data.bev_label_source: 'paint' labels exist only for synthetic data"],
+    ),
+    "line_width_zero": (
+        "data: {line_width_m: 0}",
+        ["{file}: data.line_width_m: must be > 0.0, got 0"],
+    ),
+    "clear_margin_negative": (
+        "data: {clear_margin_m: -0.1}",
+        ["{file}: data.clear_margin_m: must be >= 0.0, got -0.1"],
+    ),
+    "grid_resolution_makes_it_empty": (
+        "data: {grid: {resolution_m: 200}}",
+        ["{file}: data: data.grid.resolution_m: 200.0 m makes the grid empty (0 x 0 cells"],
+    ),
+    "grid_resolution_zero": (
+        "data: {grid: {resolution_m: 0}}",
+        ["{file}: data: data.grid.resolution_m: must be > 0, got 0.0"],
+    ),
+    "grid_resolution_not_dividing": (
+        "data: {grid: {resolution_m: 0.7}}",
+        ["{file}: data: data.grid.resolution_m: 0.7 m does not divide the grid's 60 m along x"],
+    ),
     "unknown_method": (
         "methods: [supervised, pretrain]",
         ["{file}: methods[1]: unknown value 'pretrain'", "did you mean 'pretrained'?"],

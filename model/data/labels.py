@@ -37,7 +37,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import numbers
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ import shapely
 from nuscenes.map_expansion.map_api import NuScenesMap
 from shapely.geometry import LineString, box
 
-from model.geometry import BevGrid
+from model.geometry import BevGrid, check_grid, check_number
 
 PROTOCOLS: tuple[str, ...] = ("hdmapnet", "hdmapnet_filled", "fine")
 SOURCES: tuple[str, ...] = ("map", "paint")
@@ -124,46 +123,6 @@ def paint_path(dataroot: Path | str, location: str) -> Path:
     return Path(dataroot) / "maps" / "paint" / f"{location}.json"
 
 
-def _number(name: str, value, minimum: float, strict: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name}: must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
-
-
-def _check_grid(grid) -> BevGrid:
-    if isinstance(grid, dict):
-        try:
-            grid = BevGrid(**grid)
-        except TypeError as exc:
-            raise ValueError(f"grid: {exc}") from None
-    if not isinstance(grid, BevGrid):
-        raise ValueError(f"grid: must be a BevGrid or a mapping of its fields, got {grid!r}")
-    for name in ("x_min_m", "x_max_m", "y_min_m", "y_max_m"):
-        _number(f"grid.{name}", getattr(grid, name), -math.inf, False)
-    _number("grid.resolution_m", grid.resolution_m, 0.0, True)
-    for low, high in (("x_min_m", "x_max_m"), ("y_min_m", "y_max_m")):
-        if getattr(grid, high) <= getattr(grid, low):
-            raise ValueError(
-                f"grid.{high}: must be > grid.{low} ({getattr(grid, low)!r}), "
-                f"got {getattr(grid, high)!r}"
-            )
-    for axis, extent in (("x", grid.x_max_m - grid.x_min_m), ("y", grid.y_max_m - grid.y_min_m)):
-        cells = extent / grid.resolution_m
-        if cells >= 0.5 and abs(cells - round(cells)) > 1e-6 * max(cells, 1.0):
-            raise ValueError(
-                f"grid.resolution_m: {grid.resolution_m!r} m does not divide the grid's "
-                f"{extent:g} m along {axis} ({cells:.2f} cells): cells would not be square"
-            )
-    if grid.height < 1 or grid.width < 1:
-        raise ValueError(
-            f"grid.resolution_m: {grid.resolution_m!r} m makes the grid empty "
-            f"({grid.height} x {grid.width} cells over {grid.x_max_m - grid.x_min_m:g} m x "
-            f"{grid.y_max_m - grid.y_min_m:g} m)"
-        )
-    return grid
-
-
 @dataclass(frozen=True)
 class LabelConfig:
     """What a BEV label is: class protocol, grid, line width, overlap margin and source."""
@@ -186,9 +145,9 @@ class LabelConfig:
                 f"source: 'paint' labels exist for protocol 'hdmapnet' only, got protocol "
                 f"{self.protocol!r}"
             )
-        object.__setattr__(self, "grid", _check_grid(self.grid))
-        _number("line_width_m", self.line_width_m, 0.0, strict=True)
-        _number("clear_margin_m", self.clear_margin_m, 0.0, strict=False)
+        object.__setattr__(self, "grid", check_grid(self.grid))
+        check_number("line_width_m", self.line_width_m, 0.0, strict=True)
+        check_number("clear_margin_m", self.clear_margin_m, 0.0, strict=False)
 
     @property
     def class_names(self) -> list[str]:
