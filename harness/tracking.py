@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 # The run layout's tag names live with the rest of the study's vocabulary.
+from harness.spec_errors import SpecError
 from model.names import ERROR, PARENT, PRETRAIN_KEY, ROLE, TRIAL_ID  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def resolve_tracking_uri(
     )
     if uri is None:
         raise ValueError("no MLflow tracking URI: pass one, set $MLFLOW_TRACKING_URI or a default")
-    log.info("MLflow tracking URI %s (from %s)", uri, source)
+    log.debug("MLflow tracking URI %s (from %s)", uri, source)
     return uri
 
 
@@ -80,7 +81,7 @@ def resolve_ray_address(cli: str | None = None, spec: str | None = None) -> str 
     address, source = _first_set(
         ("command line", cli), ("$RAY_ADDRESS", os.environ.get("RAY_ADDRESS")), ("spec", spec)
     )
-    log.info("Ray address %s (from %s)", address or "local", source)
+    log.debug("Ray address %s (from %s)", address or "local", source)
     return address
 
 
@@ -147,6 +148,37 @@ def local_artifact_location(tracking_uri: str, study_dir: Path) -> str | None:
     if tracking_uri.startswith(("http://", "https://", "databricks")):
         return None
     return (Path(study_dir) / "artifacts").resolve().as_uri()
+
+
+def check_destination(tracking_uri: str, experiment: str, study_dir: Path) -> None:
+    """Refuse, before a sweep writes anything, a tracking store that cannot be reached or read
+    and a local artifact location that cannot be written (raises SpecError, one line)."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from analysis.load import AnalysisError, _sqlite_path
+    from analysis.report import check_store
+
+    try:
+        check_store(tracking_uri)
+    except AnalysisError as exc:
+        raise SpecError(str(exc)) from None
+    location = local_artifact_location(tracking_uri, study_dir)
+    store = _sqlite_path(tracking_uri)
+    if store is not None and store.is_file():  # an existing experiment keeps its location
+        from mlflow.tracking import MlflowClient
+
+        found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
+        location = found.artifact_location if found else location
+    if location is None or urlparse(location).scheme not in ("", "file"):
+        return  # a tracking server's or an object store's: MLflow's to check
+    path = Path(url2pathname(urlparse(location).path))
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(
+            f"MLflow artifact location {path} of experiment {experiment!r} cannot be written: "
+            f"{existing} is {'not a directory' if not existing.is_dir() else 'read-only'}"
+        )
 
 
 def environment_info() -> dict:
@@ -331,31 +363,24 @@ class Tracker:
         self.client.log_text(run_id, json.dumps(value, indent=2, default=str), artifact_file)
 
     @contextmanager
-    def system_metrics(self, run_id: str, interval_s: float, resumed: bool) -> Iterator[None]:
-        """MLflow's system metrics monitor (CPU, memory, disk, network; GPU with pynvml) for
-        the duration of the block, where the platform supports it."""
-        monitor = None
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    def system_metrics(self, run_id: str, interval_s: float) -> Iterator[None]:
+        """MLflow's system metrics (CPU, memory, disk, network; GPU with pynvml) of `run_id`
+        for the duration of the block, through MLflow's public switch: the run is made the
+        active run with `log_system_metrics=True` (nested, when a trial runs a pretraining).
 
-            monitor = SystemMetricsMonitor(
-                run_id,
-                sampling_interval=interval_s,
-                resume_logging=resumed,
-                tracking_uri=self.tracking_uri,
-            )
-            monitor.start()
-        except Exception as exc:  # psutil missing, an unsupported platform: train without it
-            log.warning("MLflow system metrics unavailable: %s", exc)
-            monitor = None
+        Leaving the block stops the monitor and leaves the run's status as the block left it:
+        the caller finishes the run (FINISHED, FAILED, or RUNNING for the driver to decide)."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_system_metrics_sampling_interval(interval_s)
+        mlflow.start_run(
+            run_id=run_id, nested=mlflow.active_run() is not None, log_system_metrics=True
+        )
         try:
             yield
         finally:
-            if monitor is not None:
-                try:
-                    monitor.finish()
-                except Exception as exc:
-                    log.debug("stopping system metrics: %s", exc)
+            mlflow.end_run(status=self.client.get_run(run_id).info.status)
 
 
 def _is_number(value: Any) -> bool:
