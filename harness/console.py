@@ -230,7 +230,7 @@ class StudyReporter(ProgressReporter):
 # --- the summary -------------------------------------------------------------------------------
 
 
-def summary_text(experiment: str, tracking_uri: str) -> str:
+def summary_text(experiment: str, tracking_uri: str, experiment_id: str) -> str:
     """Mean final val mIoU per method and label fraction, the paired verdicts against
     supervised at 100 % labels when there are at least two seeds, and the next commands."""
     from analysis.load import AnalysisError, analysed_trials, load_study
@@ -274,14 +274,21 @@ def summary_text(experiment: str, tracking_uri: str) -> str:
     if tracking_uri != _default_uri(experiment):
         report += f" --tracking-uri {tracking_uri}"
     lines.append(f"report:    {report}")
-    lines.append(f"MLflow UI: {ui_command(tracking_uri)}")
+    lines.append(f"MLflow UI: {ui_command(tracking_uri, experiment_id)}")
     return "\n".join(lines)
 
 
-def ui_command(tracking_uri: str) -> str:
+def ui_command(tracking_uri: str, experiment_id: str) -> str:
+    """How to see the study view (docs/analysis.md) of this store."""
+    from harness.tracking import study_view_url
+
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+        return f"open {study_view_url(tracking_uri, experiment_id)}"
+    ui = "http://127.0.0.1:5000"
+    return (
+        f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000, "
+        f"then open {study_view_url(ui, experiment_id)}"
+    )
 
 
 def _default_uri(experiment: str) -> str:

@@ -312,7 +312,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial]) -> int:
     if outcome.unfinished:
         log.warning("resume with: python -m harness.sweep %s --resume", args.spec)
         return EXIT_INTERRUPTED
-    print(console.summary_text(spec.experiment, tracking_uri))
+    print(console.summary_text(spec.experiment, tracking_uri, tracker.experiment_id))
     return EXIT_TRIALS_FAILED if outcome.failed else EXIT_OK
 
 

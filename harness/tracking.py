@@ -25,7 +25,20 @@ from typing import Any
 
 # The run layout's tag names live with the rest of the study's vocabulary.
 from harness.spec_errors import SpecError
-from model.names import ERROR, PARENT, PRETRAIN_KEY, ROLE, TRIAL_ID  # noqa: F401
+from model.names import (  # noqa: F401
+    AMORTISED,
+    CUM_WALL_S,
+    ERROR,
+    LABEL_FRACTION,
+    LABELLED_SAMPLES,
+    METHOD,
+    PARENT,
+    PRETRAIN_KEY,
+    ROLE,
+    SEED,
+    TRIAL_ID,
+    VAL_MIOU,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +100,35 @@ def resolve_ray_address(cli: str | None = None, spec: str | None = None) -> str 
 
 def sqlite_uri(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
+
+
+# The experiment page's saved view: MLflow's "share view" keeps the UI's state in an experiment
+# tag `mlflow.sharedViewState.<key>`, opened with `?viewStateShareKey=<key>`. Finished trial
+# runs only, grouped by `variant` (method@label_fraction: one row per cell, the mean of its
+# seeds), with the key params and val/mIoU as columns. docs/analysis.md shows it;
+# tests/test_mlflow_ui.py opens it in Chromium.
+STUDY_VIEW_KEY = "study"
+STUDY_VIEW = {
+    "searchFilter": f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'",
+    "selectedColumns": [
+        *(f"params.`{name}`" for name in (METHOD, LABEL_FRACTION, SEED, LABELLED_SAMPLES)),
+        *(f"metrics.`{name}`" for name in (VAL_MIOU, CUM_WALL_S + AMORTISED)),
+    ],
+    "groupBy": {
+        "aggregateFunction": "average",
+        "groupByKeys": [{"mode": "param", "groupByData": "variant"}],
+    },
+}
+
+
+def study_view_tags() -> dict[str, str]:
+    """The experiment tag that saves STUDY_VIEW."""
+    return {f"mlflow.sharedViewState.{STUDY_VIEW_KEY}": json.dumps(STUDY_VIEW)}
+
+
+def study_view_url(ui_url: str, experiment_id: str) -> str:
+    page = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{page}?viewStateShareKey={STUDY_VIEW_KEY}"
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -225,7 +267,7 @@ class Tracker:
             if not create:
                 raise LookupError(f"no experiment {experiment!r} in {tracking_uri}")
             # A training study, not a GenAI one: the UI opens on runs, not on traces.
-            tags = {"mlflow.experimentKind": "custom_model_development"}
+            tags = {"mlflow.experimentKind": "custom_model_development", **study_view_tags()}
             if description:
                 tags["mlflow.note.content"] = description
             try:
@@ -241,6 +283,9 @@ class Tracker:
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
             self.experiment_id = found.experiment_id
+            for key, value in study_view_tags().items():  # experiments older than the view
+                if create and key not in found.tags:
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
         self.experiment = experiment
 
     # finding and opening

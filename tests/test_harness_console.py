@@ -16,7 +16,7 @@ from harness import console
 def test_the_summary_lists_the_mean_of_every_cell_and_the_paired_verdicts(tmp_path):
     uri = build_store(tmp_path / "store")
 
-    text = console.summary_text("toy", uri)
+    text = console.summary_text("toy", uri, "1")
 
     lines = text.splitlines()
     for (method, fraction), values in FINAL_MIOU.items():
@@ -31,7 +31,8 @@ def test_the_summary_lists_the_mean_of_every_cell_and_the_paired_verdicts(tmp_pa
     report = f"python -m analysis.report --experiment toy --tracking-uri {uri}"
     assert lines[-2] == f"report:    {report}"
     assert lines[-1] == (
-        f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then "
+        "open http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=study"
     )
 
 
@@ -39,7 +40,7 @@ def test_the_summary_gives_no_verdicts_with_one_seed(tmp_path):
     one_seed = [t for t in standard_trials() if t.seed == 0]
     uri = build_store(tmp_path / "store", trials=one_seed)
 
-    text = console.summary_text("toy", uri)
+    text = console.summary_text("toy", uri, "1")
 
     assert "no paired verdicts" in text and "verdict" not in text.replace("no paired verdicts", "")
     assert "0.6000" in text  # supervised at 100 %, seed 0
@@ -48,7 +49,7 @@ def test_the_summary_gives_no_verdicts_with_one_seed(tmp_path):
 def test_the_summary_of_an_experiment_without_results_still_names_the_next_commands(tmp_path):
     uri = build_store(tmp_path / "store", trials=[])
 
-    lines = console.summary_text("toy", uri).splitlines()
+    lines = console.summary_text("toy", uri, "1").splitlines()
 
     assert lines[0].startswith("no results to summarise")
     assert lines[-1].startswith("MLflow UI: ")

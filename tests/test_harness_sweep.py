@@ -236,6 +236,8 @@ def test_mlflow_artifacts_live_in_the_study_folder_with_source_tags_and_kind(sma
     assert exp.artifact_location == (small_sweep.storage / "artifacts").resolve().as_uri()
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert exp.tags["mlflow.note.content"]  # the study's description
+    view = json.loads(exp.tags["mlflow.sharedViewState.study"])  # the UI's study view
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "variant"}]
     for role in ("sweep", "trial", "pretrain"):
         for run in small_sweep.runs(role):
             assert run.info.artifact_uri.startswith(exp.artifact_location), role
