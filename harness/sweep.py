@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import cache
+from harness import cache, console
 from harness.driver import (
     STATE_FILE,
     SweepCallback,
@@ -38,6 +38,7 @@ from harness.driver import (
 from harness.spec import Spec, SpecError, load_spec, stable_hash
 from harness.tracking import (
     Tracker,
+    check_destination,
     environment_info,
     flatten,
     git_commit,
@@ -89,17 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-concurrent", type=int, help="at most N trials at once (overrides max_concurrent)"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-q", "--quiet", action="store_true", help="print only errors and the final summary"
+    )
+    loudness.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="Ray Tune's own full output (trial configs and results) and debug logging",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+    args.loudness = (
+        console.VERBOSE if args.verbose else console.QUIET if args.quiet else console.DEFAULT
     )
+    console.configure(args.loudness)
     overrides = list(args.overrides)
     if args.max_concurrent is not None:
         overrides.append(f"max_concurrent={args.max_concurrent}")
@@ -208,6 +217,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial]) -> int:
     default_uri = previous["tracking_uri"] if previous else sqlite_uri(storage / "mlflow.db")
     tracking_uri = resolve_tracking_uri(args.tracking_uri, spec.mlflow.tracking_uri, default_uri)
     address = resolve_ray_address(args.address, spec.ray.address)
+    check_destination(tracking_uri, spec.experiment, storage)
     storage.mkdir(parents=True, exist_ok=True)
 
     dataroot, version = prepare_data(spec, storage)
@@ -275,7 +285,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial]) -> int:
         start_ray(address)
         slots = trial_slots(spec, planned)
         tracker.set_tags(sweep_run_id, {"bev.ray_address": address or "local"})
-        tuner = build_tuner(spec, context, trials, ray_path, args.resume)
+        tuner = build_tuner(spec, context, trials, ray_path, args.resume, args.loudness)
         tuner.fit()
         outcome = SweepOutcome.read(planned, ray_path, tracker, sweep_run_id)
         status = "FAILED" if outcome.failed else "FINISHED"
@@ -302,6 +312,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial]) -> int:
     if outcome.unfinished:
         log.warning("resume with: python -m harness.sweep %s --resume", args.spec)
         return EXIT_INTERRUPTED
+    print(console.summary_text(spec.experiment, tracking_uri, tracker.experiment_id))
     return EXIT_TRIALS_FAILED if outcome.failed else EXIT_OK
 
 
@@ -399,9 +410,15 @@ def start_sweep_run(
 
 
 def build_tuner(
-    spec: Spec, context: SweepContext, trials: list[Trial], ray_path: Path, resume: bool
+    spec: Spec,
+    context: SweepContext,
+    trials: list[Trial],
+    ray_path: Path,
+    resume: bool,
+    loudness: str = console.DEFAULT,
 ):
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, context=context),
@@ -455,8 +472,16 @@ def build_tuner(
             callbacks=[
                 SweepCallback(str(ray_path.parent.parent / STATE_FILE)),
                 SweepClock(str(ray_path.parent.parent / STATE_FILE)),
+                # What ExperimentAnalysis reads; no TensorBoard files (MLflow has the metrics).
+                CSVLoggerCallback(),
+                JsonLoggerCallback(),
             ],
-            verbose=1,
+            progress_reporter=console.StudyReporter(
+                context.tracking_uri, context.experiment, context.sweep_run_id
+            )
+            if loudness == console.DEFAULT
+            else None,
+            verbose=console.tune_verbosity(loudness),
         ),
     )
 

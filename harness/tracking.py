@@ -24,7 +24,21 @@ from pathlib import Path
 from typing import Any
 
 # The run layout's tag names live with the rest of the study's vocabulary.
-from model.names import ERROR, PARENT, PRETRAIN_KEY, ROLE, TRIAL_ID  # noqa: F401
+from harness.spec_errors import SpecError
+from model.names import (  # noqa: F401
+    AMORTISED,
+    CUM_WALL_S,
+    ERROR,
+    LABEL_FRACTION,
+    LABELLED_SAMPLES,
+    METHOD,
+    PARENT,
+    PRETRAIN_KEY,
+    ROLE,
+    SEED,
+    TRIAL_ID,
+    VAL_MIOU,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +85,7 @@ def resolve_tracking_uri(
     )
     if uri is None:
         raise ValueError("no MLflow tracking URI: pass one, set $MLFLOW_TRACKING_URI or a default")
-    log.info("MLflow tracking URI %s (from %s)", uri, source)
+    log.debug("MLflow tracking URI %s (from %s)", uri, source)
     return uri
 
 
@@ -80,12 +94,41 @@ def resolve_ray_address(cli: str | None = None, spec: str | None = None) -> str 
     address, source = _first_set(
         ("command line", cli), ("$RAY_ADDRESS", os.environ.get("RAY_ADDRESS")), ("spec", spec)
     )
-    log.info("Ray address %s (from %s)", address or "local", source)
+    log.debug("Ray address %s (from %s)", address or "local", source)
     return address
 
 
 def sqlite_uri(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
+
+
+# The experiment page's saved view: MLflow's "share view" keeps the UI's state in an experiment
+# tag `mlflow.sharedViewState.<key>`, opened with `?viewStateShareKey=<key>`. Finished trial
+# runs only, grouped by `variant` (method@label_fraction: one row per cell, the mean of its
+# seeds), with the key params and val/mIoU as columns. docs/analysis.md shows it;
+# tests/test_mlflow_ui.py opens it in Chromium.
+STUDY_VIEW_KEY = "study"
+STUDY_VIEW = {
+    "searchFilter": f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'",
+    "selectedColumns": [
+        *(f"params.`{name}`" for name in (METHOD, LABEL_FRACTION, SEED, LABELLED_SAMPLES)),
+        *(f"metrics.`{name}`" for name in (VAL_MIOU, CUM_WALL_S + AMORTISED)),
+    ],
+    "groupBy": {
+        "aggregateFunction": "average",
+        "groupByKeys": [{"mode": "param", "groupByData": "variant"}],
+    },
+}
+
+
+def study_view_tags() -> dict[str, str]:
+    """The experiment tag that saves STUDY_VIEW."""
+    return {f"mlflow.sharedViewState.{STUDY_VIEW_KEY}": json.dumps(STUDY_VIEW)}
+
+
+def study_view_url(ui_url: str, experiment_id: str) -> str:
+    page = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{page}?viewStateShareKey={STUDY_VIEW_KEY}"
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -149,6 +192,37 @@ def local_artifact_location(tracking_uri: str, study_dir: Path) -> str | None:
     return (Path(study_dir) / "artifacts").resolve().as_uri()
 
 
+def check_destination(tracking_uri: str, experiment: str, study_dir: Path) -> None:
+    """Refuse, before a sweep writes anything, a tracking store that cannot be reached or read
+    and a local artifact location that cannot be written (raises SpecError, one line)."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from analysis.load import AnalysisError, _sqlite_path
+    from analysis.report import check_store
+
+    try:
+        check_store(tracking_uri)
+    except AnalysisError as exc:
+        raise SpecError(str(exc)) from None
+    location = local_artifact_location(tracking_uri, study_dir)
+    store = _sqlite_path(tracking_uri)
+    if store is not None and store.is_file():  # an existing experiment keeps its location
+        from mlflow.tracking import MlflowClient
+
+        found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
+        location = found.artifact_location if found else location
+    if location is None or urlparse(location).scheme not in ("", "file"):
+        return  # a tracking server's or an object store's: MLflow's to check
+    path = Path(url2pathname(urlparse(location).path))
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(
+            f"MLflow artifact location {path} of experiment {experiment!r} cannot be written: "
+            f"{existing} is {'not a directory' if not existing.is_dir() else 'read-only'}"
+        )
+
+
 def environment_info() -> dict:
     versions = {}
     for name in PACKAGES:
@@ -193,7 +267,7 @@ class Tracker:
             if not create:
                 raise LookupError(f"no experiment {experiment!r} in {tracking_uri}")
             # A training study, not a GenAI one: the UI opens on runs, not on traces.
-            tags = {"mlflow.experimentKind": "custom_model_development"}
+            tags = {"mlflow.experimentKind": "custom_model_development", **study_view_tags()}
             if description:
                 tags["mlflow.note.content"] = description
             try:
@@ -209,6 +283,9 @@ class Tracker:
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
             self.experiment_id = found.experiment_id
+            for key, value in study_view_tags().items():  # experiments older than the view
+                if create and key not in found.tags:
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
         self.experiment = experiment
 
     # finding and opening
@@ -331,31 +408,24 @@ class Tracker:
         self.client.log_text(run_id, json.dumps(value, indent=2, default=str), artifact_file)
 
     @contextmanager
-    def system_metrics(self, run_id: str, interval_s: float, resumed: bool) -> Iterator[None]:
-        """MLflow's system metrics monitor (CPU, memory, disk, network; GPU with pynvml) for
-        the duration of the block, where the platform supports it."""
-        monitor = None
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    def system_metrics(self, run_id: str, interval_s: float) -> Iterator[None]:
+        """MLflow's system metrics (CPU, memory, disk, network; GPU with pynvml) of `run_id`
+        for the duration of the block, through MLflow's public switch: the run is made the
+        active run with `log_system_metrics=True` (nested, when a trial runs a pretraining).
 
-            monitor = SystemMetricsMonitor(
-                run_id,
-                sampling_interval=interval_s,
-                resume_logging=resumed,
-                tracking_uri=self.tracking_uri,
-            )
-            monitor.start()
-        except Exception as exc:  # psutil missing, an unsupported platform: train without it
-            log.warning("MLflow system metrics unavailable: %s", exc)
-            monitor = None
+        Leaving the block stops the monitor and leaves the run's status as the block left it:
+        the caller finishes the run (FINISHED, FAILED, or RUNNING for the driver to decide)."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_system_metrics_sampling_interval(interval_s)
+        mlflow.start_run(
+            run_id=run_id, nested=mlflow.active_run() is not None, log_system_metrics=True
+        )
         try:
             yield
         finally:
-            if monitor is not None:
-                try:
-                    monitor.finish()
-                except Exception as exc:
-                    log.debug("stopping system metrics: %s", exc)
+            mlflow.end_run(status=self.client.get_run(run_id).info.status)
 
 
 def _is_number(value: Any) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import cache
+from harness import cache, console
 from harness.spec import Spec, stable_hash
 from harness.tracking import Tracker, error_text, flatten
 from harness.trials import ResolvedTrial, Trial
@@ -57,11 +57,12 @@ class Pretraining:
 
 def run_trial(config: dict, context: SweepContext) -> None:
     """Ray Tune function trainable: run one trial and report each fine-tuning epoch."""
+    console.quiet_worker_loggers()
     trial = Trial.from_dict(config["trial"])
     resolved = trial.resolve(Spec.model_validate(context.spec))
     spec = resolved.spec
     tracker = Tracker(context.tracking_uri, context.experiment)
-    run_id, created = tracker.open_run(
+    run_id, _ = tracker.open_run(
         {ROLE: "trial", TRIAL_ID: trial.key, PARENT: context.sweep_run_id},
         run_name=resolved.name,
         tags={
@@ -74,7 +75,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
     )
     tracker.set_tags(run_id, _placement())
     monitor = (
-        tracker.system_metrics(run_id, spec.mlflow.system_metrics_interval_s, resumed=not created)
+        tracker.system_metrics(run_id, spec.mlflow.system_metrics_interval_s)
         if spec.mlflow.system_metrics
         else contextlib.nullcontext()
     )
@@ -177,7 +178,7 @@ def ensure_pretraining(
     params = pretrain_params(resolved)
 
     def build(work: Path) -> dict:
-        run_id, created = tracker.open_run(
+        run_id, _ = tracker.open_run(
             {ROLE: "pretrain", PRETRAIN_KEY: key},
             run_name=f"pretrain-s{seed}-{key[:8]}",
             tags={
@@ -194,7 +195,7 @@ def ensure_pretraining(
 
         spec = resolved.spec
         monitor = (
-            tracker.system_metrics(run_id, spec.mlflow.system_metrics_interval_s, not created)
+            tracker.system_metrics(run_id, spec.mlflow.system_metrics_interval_s)
             if spec.mlflow.system_metrics
             else contextlib.nullcontext()
         )

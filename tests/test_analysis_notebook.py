@@ -60,3 +60,16 @@ def test_nbconvert_renders_the_executed_notebook_as_html(executed):
     body, _ = HTMLExporter(exclude_input=True).from_notebook_node(nb)
     assert "0.6200" in body  # supervised 100% mean mIoU in the label-savings table
     assert body.count("data:image/png;base64,") >= 4
+
+
+def test_the_executed_notebook_shows_no_warnings(executed):
+    # Without ipywidgets tqdm's notebook bar prints "IProgress not found" in red (dev extra).
+    _, nb = executed
+    streams = [
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.output_type == "stream" and o.get("name") == "stderr"
+    ]
+    assert not [text for text in streams if "IProgress" in text or "Warning" in text], streams

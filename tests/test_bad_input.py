@@ -47,6 +47,7 @@ class Case(NamedTuple):
 P, Q = "model.data.prepare --dataroot {root}", "model.data.pseudo_labels --dataroot {root}"
 R, L = "analysis.report --experiment toy", "analysis.plan --experiment toy"
 STORE = "--tracking-uri {uri}"
+S = f"harness.sweep {Path(__file__).resolve().parents[1] / 'experiments' / 'quick.yaml'}"
 
 CASES = [
     # model.data.prepare: argument checks first (before torch and the devkit load) ...
@@ -197,6 +198,25 @@ CASES = [
         f"{L} --tracking-uri sqlite:///{{corrupt}}",
         "{corrupt}",
         "is not a SQLite database",
+    ),
+    # harness.sweep: where results go, checked before any trial starts (#17)
+    Case(
+        "sweep-tracking-server-unreachable",
+        f"{S} --tracking-uri http://127.0.0.1:9",
+        "http://127.0.0.1:9",
+        "cannot reach MLflow server",
+    ),
+    Case(
+        "sweep-tracking-db-corrupt",
+        f"{S} --tracking-uri sqlite:///{{corrupt}}",
+        "{corrupt}",
+        "is not a SQLite database",
+    ),
+    Case(
+        "sweep-artifacts-not-writable",
+        f"{S} --set storage_path={{file}}/study",
+        "{file}/study/artifacts",
+        "cannot be written: {file} is not a directory",
     ),
 ]
 

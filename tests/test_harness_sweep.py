@@ -246,6 +246,8 @@ def test_mlflow_artifacts_live_in_the_study_folder_with_source_tags_and_kind(sma
     assert exp.artifact_location == (small_sweep.storage / "artifacts").resolve().as_uri()
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert exp.tags["mlflow.note.content"]  # the study's description
+    view = json.loads(exp.tags["mlflow.sharedViewState.study"])  # the UI's study view
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "variant"}]
     for role in ("sweep", "trial", "pretrain"):
         for run in small_sweep.runs(role):
             assert run.info.artifact_uri.startswith(exp.artifact_location), role
@@ -274,6 +276,37 @@ def test_trials_log_datasets_a_model_checkpoint_a_table_and_prediction_images(sm
         assert last[-1][2] == pytest.approx(run.data.metrics["val/mIoU"])
         images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
         assert any("bev_prediction" in path for path in images), images
+
+
+# Lines that `python -m harness.sweep experiments/quick.yaml` printed (stdout and stderr) in a
+# fresh study folder, data generation included, at commit c5a31d8, before the console of #17.
+CONSOLE_LINES_BEFORE = 323
+NOISE = ("Current best trial", "snapshotting", "tensorboard", "mlflow.system_metrics",
+         "Checkpoint successfully created")  # fmt: skip
+TABLE_HEADER = ["trial", "method", "label_fraction", "seed", "status", "epoch", "val/mIoU"]
+
+
+def test_the_console_is_a_third_of_its_old_length_and_ends_with_the_summary(small_sweep):
+    out, err = small_sweep.proc.stdout, small_sweep.proc.stderr
+    # Lines as a terminal (and `wc -l`) counts them: a progress bar redrawn with \r is one.
+    assert (out + err).count("\n") <= CONSOLE_LINES_BEFORE // 3, out + err
+    # The progress table has the study's columns, and a finished trial's last row its mIoU.
+    assert any(line.split() == TABLE_HEADER for line in out.splitlines())
+    finished = [line.split() for line in out.splitlines() if " TERMINATED " in line]
+    assert {row[1] for row in finished} == {"supervised", "pretrained"}
+    assert all(row[5] == "2/2" and 0 <= float(row[6]) <= 1 for row in finished)
+    assert "shared pretraining pretrain-s0-" in out  # progress while trials wait for it
+    for noise in NOISE:
+        assert noise not in out + err, noise
+    # The summary ends the output: a mean per cell, then the report and the UI commands.
+    tail = out.strip().splitlines()
+    report = "python -m analysis.report --experiment small --tracking-uri "
+    assert tail[-2] == f"report:    {report}{small_sweep.tracking_uri}"
+    assert tail[-1].startswith(
+        f"MLflow UI: mlflow ui --backend-store-uri {small_sweep.tracking_uri}"
+    )
+    cells = {tuple(line.split()[:2]) for line in tail[-12:]}
+    assert {(m, f) for m in ("supervised", "pretrained") for f in ("0.5", "1")} <= cells
 
 
 def test_trials_log_mlflow_system_metrics(small_sweep):

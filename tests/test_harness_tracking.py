@@ -78,3 +78,18 @@ def test_close_unfinished_marks_only_running_children_of_the_sweep(tmp_path):
 
     status = {r: tracker.client.get_run(r).info.status for r in (running, done, other)}
     assert status == {running: "KILLED", done: "FINISHED", other: "RUNNING"}
+
+
+def test_an_experiment_carries_the_study_view_new_or_old(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import study_view_tags
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    fresh = Tracker(uri, "fresh")
+    MlflowClient(tracking_uri=uri).create_experiment("old")  # made before the view existed
+    old = Tracker(uri, "old")
+
+    for tracker in (fresh, old):
+        tags = tracker.client.get_experiment(tracker.experiment_id).tags
+        assert study_view_tags().items() <= tags.items(), tracker.experiment

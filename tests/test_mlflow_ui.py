@@ -1,13 +1,17 @@
 """The MLflow UI on a study's store: a real `mlflow server` on 127.0.0.1, opened in headless
-Chromium (Debian's `chromium`, installed by .ci/install-chromium.sh), lists every trial run.
+Chromium (Debian's `chromium`, installed by .ci/install-chromium.sh), lists every trial run, and
+the study view the harness saves on each experiment (docs/analysis.md) shows every cell
+(method@label_fraction) as its own group row.
 
-The screenshot is kept as test-artifacts/mlflow_ui_experiment.png. Without chromium the test is
+The screenshots are kept as test-artifacts/mlflow_ui_experiment.png and
+test-artifacts/mlflow_ui_study_view.png. Without chromium the test is
 skipped locally and fails in CI (CI=true), where .ci/run must have installed it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_analysis_store import build_store, standard_trials
+from test_analysis_store import FINAL_MIOU, build_store, standard_trials
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +144,58 @@ def run_chromium(chromium: str, args: list[str], profile: Path) -> subprocess.Co
     )
 
 
+def dump_dom(chromium: str, page: str, profile: Path, done) -> str:
+    """The page's DOM once `done(dom)` holds; a loaded machine may need a longer virtual-time
+    budget, so a second try doubles it."""
+    dom = ""
+    for attempt in range(2):
+        dom = run_chromium(
+            chromium,
+            [f"--virtual-time-budget={20000 * (attempt + 1)}", "--dump-dom", page],
+            profile.with_name(f"{profile.name}-{attempt}"),
+        ).stdout
+        if done(dom):
+            break
+    return dom
+
+
+def screenshot(chromium: str, page: str, name: str, profile: Path) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / name
+    shot.unlink(missing_ok=True)
+    run_chromium(chromium, ["--virtual-time-budget=20000", f"--screenshot={shot}", page], profile)
+    assert shot.is_file(), "chromium wrote no screenshot"
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 10, "the screenshot is blank"
+
+
+GROUP_ROW = re.compile(r"Group: ((?:supervised|pretrained)@[0-9.]+)<")
+
+
+def test_the_study_view_shows_each_method_and_fraction_as_its_own_row(
+    chromium, mlflow_server, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import study_view_tags, study_view_url
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment_id = client.get_experiment_by_name("toy").experiment_id
+    for key, value in study_view_tags().items():  # what a sweep saves on a new experiment
+        client.set_experiment_tag(experiment_id, key, value)
+    page = study_view_url(mlflow_server, experiment_id)
+    cells = {f"{method}@{fraction:g}" for method, fraction in FINAL_MIOU}
+
+    dom = dump_dom(chromium, page, tmp_path / "view", lambda d: set(GROUP_ROW.findall(d)))
+
+    groups = GROUP_ROW.findall(dom)
+    assert {"pretrained@0.5", "supervised@0.5"} <= set(groups), f"no 50 % groups on {page}"
+    assert sorted(groups) == sorted(cells), groups  # one row per cell, each once
+    for column in ("method", "finetune.label_fraction", "seed", "val/mIoU"):
+        assert f">{column}<" in dom, column
+    screenshot(chromium, page, "mlflow_ui_study_view.png", tmp_path / "view-shot")
+
+
 def test_experiment_page_lists_every_trial_run(chromium, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -148,26 +204,7 @@ def test_experiment_page_lists_every_trial_run(chromium, mlflow_server, tmp_path
     page = experiment_page(mlflow_server, experiment_id)
     expected = {t.run_name for t in standard_trials()}
 
-    missing = expected
-    for attempt in range(2):  # a loaded machine may need a longer virtual-time budget
-        dom = run_chromium(
-            chromium,
-            [f"--virtual-time-budget={20000 * (attempt + 1)}", "--dump-dom", page],
-            tmp_path / f"profile-dom-{attempt}",
-        ).stdout
-        missing = {name for name in expected if name not in dom}
-        if not missing:
-            break
+    dom = dump_dom(chromium, page, tmp_path / "dom", lambda d: all(name in d for name in expected))
+    missing = {name for name in expected if name not in dom}
     assert not missing, f"trial runs not listed on {page}: {sorted(missing)}"
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "mlflow_ui_experiment.png"
-    shot.unlink(missing_ok=True)
-    run_chromium(
-        chromium,
-        ["--virtual-time-budget=20000", f"--screenshot={shot}", page],
-        tmp_path / "profile-shot",
-    )
-    assert shot.is_file(), "chromium wrote no screenshot"
-    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
-    assert pixels.std() > 10, "the screenshot is blank"
+    screenshot(chromium, page, "mlflow_ui_experiment.png", tmp_path / "profile-shot")

@@ -11,13 +11,13 @@ exceeds batch size / step time.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from model.cli import OneLineParser, dir_to_create, existing_dir, int_at_least
 from model.data.dataset import NuScenesBevDataset, default_num_workers, make_loader
 from model.data.labels import LabelConfig
 
@@ -58,16 +58,40 @@ def measure(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataroot", type=Path)
-    parser.add_argument("--version", default="v1.0-mini")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--presets", nargs="+", default=["nano", "tiny"])
-    parser.add_argument("--workers", type=int, nargs="+", default=None)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--max-batches", type=int, default=None)
-    parser.add_argument("--pseudo-labels", default=None, choices=("synthetic", "mask2former"))
-    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser = OneLineParser(prog="python -m model.data.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--dataroot",
+        type=existing_dir,
+        help="nuScenes-format dataroot (default: a small synthetic one, generated for the run)",
+    )
+    parser.add_argument("--version", default="v1.0-mini", help="dataset version (v1.0-mini)")
+    parser.add_argument("--split", default="train", help="split to load (train)")
+    parser.add_argument(
+        "--presets", nargs="+", default=["nano", "tiny"], help="presets whose image sizes to time"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int_at_least(0),
+        nargs="+",
+        default=None,
+        help="DataLoader worker counts to time (default: 0 and this machine's default)",
+    )
+    parser.add_argument("--batch-size", type=int_at_least(1), default=2, help="samples per batch")
+    parser.add_argument(
+        "--max-batches", type=int_at_least(1), default=None, help="stop after N batches (all)"
+    )
+    parser.add_argument(
+        "--pseudo-labels",
+        default=None,
+        choices=("synthetic", "mask2former"),
+        help="also load these per-camera pseudo-labels (synthetic ones are written first)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=dir_to_create,
+        default=None,
+        help="BEV label cache (default: a temporary folder, built before timing)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     workers = args.workers or [0, max(1, default_num_workers())]
