@@ -285,7 +285,12 @@ class RuntimeConfig(Config):
     """How a run executes, not what it computes (not part of any cache key)."""
 
     device: Literal["auto", "cpu", "cuda"] | Annotated[str, Field(pattern=r"^cuda:\d+$")] = "auto"
-    bf16: bool = True  # bf16 autocast on CUDA
+    # The speed switches of model.precision, on by default; they leave the method as it is.
+    # bf16: autocast where the device computes bf16 natively (CUDA; CPUs with AVX512-BF16 or
+    # AMX), float32 elsewhere; false: float32 everywhere.
+    bf16: bool = True
+    channels_last: bool = True  # image backbone + FPN in NHWC memory order
+    fused_adamw: bool = True  # one fused AdamW kernel (foreach where torch has none)
     progress: bool = True  # tqdm bars (shown on terminals only)
     # torch's intra-op threads (inter-op: 1). CPU results are deterministic only for a fixed
     # thread count (the same trial moves by ~0.016 mIoU between 1 and 2 threads), so it is

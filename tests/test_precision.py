@@ -1,9 +1,10 @@
 """Speed switches of model.precision: the training step they make is the float32 NCHW one.
 
-The training comparisons run 20 steps of nano pretraining as ``model.loop.run_phase`` steps
-(``_loss_terms``: history BEV in eval mode, reprojection + temporal loss; the loop's lr
-schedule; gradient clipping) from the same weights on the same small synthetic batches, once
-per switch setting, and compare the loss curves.
+The training comparisons run 20 steps of nano pretraining through ``model.loop.run_phase``
+with the switches of ``RuntimeConfig`` (the loop's ``prepare`` and ``make_optimizer``; history
+BEV in eval mode, reprojection + temporal loss; the lr schedule; gradient clipping) from the
+same weights on the same small synthetic batches, once per switch setting, and compare the
+loss curves step by step (a step budget reporting every step).
 
 Tolerances are relative to the loss (|a - b| <= tol * |b|): the loss's scale depends on the
 terms, their weights and the class count, a relative bound does not. Why they differ:
@@ -28,17 +29,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
-from model import precision
+from model import names, precision
 from model.backbone import ResNetFPN
 from model.bench import synthetic_rig
 from model.bevformer import BEVFormerSeg
-from model.config import PretrainConfig
+from model.checkpoint import load_checkpoint
+from model.config import PretrainConfig, RuntimeConfig
 from model.geometry import BevGrid
-from model.loop import Phase, _loss_terms, _set_lr, lr_factor
-from model.losses import weighted_sum
+from model.loop import Phase, run_phase
 from model.precision import autocast, make_adamw, to_channels_last
 from model.presets import ModelConfig, get_preset
+from model.train import effective_runtime, pin_threads
 
 CFG = get_preset("nano", image_size=(48, 80))
 GRID = BevGrid(resolution_m=1.0)  # 60 m x 30 m: a 60 x 30 label grid
@@ -82,49 +85,41 @@ class ConvDtypes:
 
 
 def train_losses(
-    channels_last: bool = False, fused: bool = False, bf16: bool = False
+    tmp_path: Path, channels_last: bool = False, fused: bool = False, bf16: bool = False
 ) -> tuple[torch.Tensor, set[torch.dtype]]:
-    """The loss of every step of a short nano pretraining run, stepped as run_phase steps, and
-    the dtypes the backbone's first convolution computed in."""
-    cfg = PretrainConfig()
+    """The loss of every step of a short nano pretraining run through ``run_phase`` (the
+    training path: ``prepare``, ``make_optimizer``, autocast, lr schedule, clipping) with the
+    given switches, and the dtypes the backbone's first convolution computed in."""
+    cfg = PretrainConfig(budget={"unit": "steps", "value": STEPS, "every": 1}, val_every=None)
     torch.manual_seed(0)
-    net = BEVFormerSeg(CFG, NUM_CLASSES, GRID).train()
-    if channels_last:
-        to_channels_last(net)
+    net = BEVFormerSeg(CFG, NUM_CLASSES, GRID)
     conv_dtypes = ConvDtypes(net.backbone.body.conv1)
-    groups = net.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult)
-    for group in groups:
-        group["base_lr"] = group["lr"]
-    optimizer = make_adamw(groups, cfg.optim.lr, cfg.optim.weight_decay, CPU, fused=fused)
+    runtime = RuntimeConfig(
+        device="cpu", progress=False, channels_last=channels_last, fused_adamw=fused, bf16=bf16
+    )
     phase = Phase(
         name="pretrain",
         cfg=cfg,
         net=net,
-        loader=None,
+        loader=DataLoader(synthetic_batches(4), batch_size=None),  # the batches as they are
         val=None,
         seed=0,
         labelled_samples=0,
         protocol="hdmapnet",
         grid=GRID,
         device=CPU,
-        bf16=bf16,
-        progress=False,
-        checkpoint_path=Path("unused.pt"),
+        runtime=runtime,
+        checkpoint_path=tmp_path / f"cl{channels_last:d}-fused{fused:d}-bf16{bf16:d}.pt",
         meta={},
     )
-    amp = autocast(CPU, bf16)
-    batches = synthetic_batches(4)
-    losses = []
-    torch.manual_seed(1)
-    for step in range(STEPS):
-        _set_lr(optimizer, lr_factor(step, STEPS, cfg.optim))
-        terms = _loss_terms(phase, batches[step % len(batches)], amp)
-        loss = weighted_sum(terms, phase.weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip_norm)
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    reports = run_phase(phase, on_epoch=None)
+    assert [r.steps for r in reports] == list(range(1, STEPS + 1))  # one report per step
+    # The loop switched what it was told to, and nothing else.
+    conv = net.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+    adamw = load_checkpoint(phase.checkpoint_path)["optimizer"]["param_groups"][0]
+    assert bool(adamw["fused"]) == fused
+    losses = [r.losses[names.loss_metric("pretrain", "loss")] for r in reports]
     return torch.tensor(losses, dtype=torch.float64), conv_dtypes.seen
 
 
@@ -133,31 +128,44 @@ def relative_gap(losses: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def float32_nchw_losses() -> torch.Tensor:
-    losses, conv_dtypes = train_losses()
+def float32_nchw_losses(tmp_path_factory) -> torch.Tensor:
+    losses, conv_dtypes = train_losses(tmp_path_factory.mktemp("fp32"))
     assert conv_dtypes == {torch.float32}
     return losses
+
+
+@pytest.fixture(autouse=True, scope="module")
+def pinned_threads():
+    """The runtime's thread count, as ``pretrain``/``finetune`` pin it (run_phase does not)."""
+    pin_threads(RuntimeConfig().threads)
 
 
 # --- what each switch does to training ---------------------------------------------------
 
 
 @needs_bf16_cpu
-def test_all_switches_keep_the_loss_curve_within_1e3_of_float32_nchw(float32_nchw_losses):
-    losses, conv_dtypes = train_losses(channels_last=True, fused=True, bf16=True)
+def test_all_switches_keep_the_loss_curve_within_1e3_of_float32_nchw(float32_nchw_losses, tmp_path):
+    losses, conv_dtypes = train_losses(tmp_path, channels_last=True, fused=True, bf16=True)
     assert conv_dtypes == {torch.bfloat16}  # bf16 really was on, in the history pass too
     assert relative_gap(losses, float32_nchw_losses).max() <= 1e-3
 
 
-def test_channels_last_alone_keeps_the_loss_curve_of_nchw(float32_nchw_losses):
-    gap = relative_gap(train_losses(channels_last=True)[0], float32_nchw_losses)
+def test_channels_last_alone_keeps_the_loss_curve_of_nchw(float32_nchw_losses, tmp_path):
+    gap = relative_gap(train_losses(tmp_path, channels_last=True)[0], float32_nchw_losses)
     assert gap[0] <= 1e-6  # same weights, same batch: only the sums' order differs
     assert gap.max() <= 1e-4  # then ReLU flips drift it (module docstring)
 
 
-def test_fused_adamw_alone_keeps_the_loss_curve_of_plain_adamw(float32_nchw_losses):
-    gap = relative_gap(train_losses(fused=True)[0], float32_nchw_losses)
+def test_fused_adamw_alone_keeps_the_loss_curve_of_plain_adamw(float32_nchw_losses, tmp_path):
+    gap = relative_gap(train_losses(tmp_path, fused=True)[0], float32_nchw_losses)
     assert gap.max() <= 1e-6
+
+
+def test_runtime_switches_are_on_by_default_and_record_what_they_do_here():
+    on = effective_runtime(RuntimeConfig(device="cpu"))
+    assert on == {"effective.bf16": precision.cpu_supports_bf16(), "effective.adamw": "fused"}
+    fp32 = effective_runtime(RuntimeConfig(device="cpu", bf16=False, fused_adamw=False))
+    assert fp32 == {"effective.bf16": False, "effective.adamw": "default"}
 
 
 # --- channels_last backbone ----------------------------------------------------------------

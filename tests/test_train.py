@@ -124,7 +124,8 @@ def test_nano_overfits_a_few_synthetic_samples(tiny_root, cache_dir, tmp_path):
 
     labelled = bev_dataset(tiny_root, cache_dir, "train", result.labelled_scenes, "hdmapnet_filled")
     net = load_model(result.checkpoint)
-    metrics = evaluate(net, make_loader(labelled, 2, shuffle=False), "hdmapnet_filled", "cpu")
+    loader = make_loader(labelled, 2, shuffle=False)
+    metrics = evaluate(net, loader, "hdmapnet_filled", "cpu", bf16=CPU.bf16)
     assert metrics["mIoU"] > 0.8
 
 
