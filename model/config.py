@@ -38,6 +38,8 @@ Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 Ratio = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 Side = Annotated[int, Field(ge=16, le=4096)]  # an image side in pixels
 ClassWeights = tuple[Positive, ...] | Literal["auto"] | None
+# Evaluate every N periods and after the last one (0: after the last only; None: never).
+ValEvery = Annotated[int, Field(ge=0, le=10**7)] | None
 
 
 class Config(BaseModel):
@@ -224,8 +226,7 @@ class PhaseConfig(Config):
     # ego frame by a random yaw in [-d, d] degrees (extrinsics, ego motion and BEV label
     # together; label cells rotated in from outside the grid are ignored).
     bev_aug_yaw_deg: Annotated[float, Field(ge=0, le=180, allow_inf_nan=False)] = 0.0
-    # Evaluate every N epochs and after the last one (0: after the last only; None: never).
-    val_every: Annotated[int, Field(ge=0, le=10**7)] | None = 1
+    val_every: ValEvery = 1
 
 
 class PretrainConfig(PhaseConfig):
@@ -233,6 +234,9 @@ class PretrainConfig(PhaseConfig):
 
     w_reproj: Weight = 1.0
     w_temporal: Weight = 0.1
+    # The pretrained head's val score is read once, at the end (the study's sanity ladder):
+    # validating every epoch cost a quarter of a CPU study's time for curves nobody reads.
+    val_every: ValEvery = 0
 
     @model_validator(mode="after")
     def _some_loss(self) -> PretrainConfig:
