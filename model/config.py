@@ -295,6 +295,7 @@ class RuntimeConfig(Config):
     bf16: bool = True
     channels_last: bool = True  # image backbone + FPN in NHWC memory order
     fused_adamw: bool = True  # one fused AdamW kernel (foreach where torch has none)
+    keep_freed_memory: bool = True  # glibc keeps freed memory for the next step (process-wide)
     progress: bool = True  # tqdm bars (shown on terminals only)
     # torch's intra-op threads (inter-op: 1). CPU results are deterministic only for a fixed
     # thread count (the same trial moves by ~0.016 mIoU between 1 and 2 threads), so it is

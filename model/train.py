@@ -52,7 +52,12 @@ from model.data.subsets import label_subset
 from model.geometry import BevGrid
 from model.loaders import make_dataset, train_loader, val_loader
 from model.loop import Phase, evaluate, prepare, run_phase, schedule, seed_everything
-from model.precision import bf16_autocast_active, fused_adamw_supported
+from model.precision import (
+    bf16_autocast_active,
+    can_keep_freed_memory,
+    fused_adamw_supported,
+    keep_freed_memory,
+)
 from model.presets import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -81,7 +86,15 @@ def effective_runtime(runtime: RuntimeConfig) -> dict[str, bool | str]:
     return {
         "effective.bf16": bf16_autocast_active(device, runtime.bf16),
         "effective.adamw": adamw,
+        "effective.keep_freed_memory": runtime.keep_freed_memory and can_keep_freed_memory(),
     }
+
+
+def set_up_process(runtime: RuntimeConfig) -> None:
+    """The process-wide settings of ``runtime``: threads pinned, freed memory kept."""
+    pin_threads(runtime.threads)
+    if runtime.keep_freed_memory:
+        keep_freed_memory()
 
 
 def pin_threads(threads: int) -> None:
@@ -118,7 +131,7 @@ def pretrain(
     Returns the checkpoint path (``<out_dir>/pretrain.pt``); resumes from it when it exists.
     """
     device = resolve_device(runtime.device)
-    pin_threads(runtime.threads)
+    set_up_process(runtime)
     seed_everything(seed)
     num_classes = len(class_names(data.protocol))
     grid = data.label_grid(model)
@@ -170,7 +183,7 @@ def finetune(
     pretraining) or from scratch. Validates every ``cfg.val_every`` epochs and after the last.
     """
     device = resolve_device(runtime.device)
-    pin_threads(runtime.threads)
+    set_up_process(runtime)
     seed_everything(seed)
     num_classes = len(class_names(data.protocol))
     grid = data.label_grid(model)

@@ -163,9 +163,17 @@ def test_fused_adamw_alone_keeps_the_loss_curve_of_plain_adamw(float32_nchw_loss
 
 def test_runtime_switches_are_on_by_default_and_record_what_they_do_here():
     on = effective_runtime(RuntimeConfig(device="cpu"))
-    assert on == {"effective.bf16": precision.cpu_supports_bf16(), "effective.adamw": "fused"}
-    fp32 = effective_runtime(RuntimeConfig(device="cpu", bf16=False, fused_adamw=False))
-    assert fp32 == {"effective.bf16": False, "effective.adamw": "default"}
+    assert on == {
+        "effective.bf16": precision.cpu_supports_bf16(),
+        "effective.adamw": "fused",
+        "effective.keep_freed_memory": precision.can_keep_freed_memory(),
+    }
+    off = RuntimeConfig(device="cpu", bf16=False, fused_adamw=False, keep_freed_memory=False)
+    assert effective_runtime(off) == {
+        "effective.bf16": False,
+        "effective.adamw": "default",
+        "effective.keep_freed_memory": False,
+    }
 
 
 # --- channels_last backbone ----------------------------------------------------------------
@@ -304,17 +312,28 @@ def test_bench_compares_each_switch_with_float32_and_fast_attention_with_all_swi
     from model.bench import compare_arms
 
     arms, comparisons = compare_arms(["triton"])
-    off, everything = comparisons[0][1], comparisons[3][2]
-    assert [(label, a is off) for label, a, _ in comparisons[:4]] == [
+    off, everything = comparisons[0][1], comparisons[4][2]
+    assert [(label, a is off) for label, a, _ in comparisons[:5]] == [
         ("channels_last backbone", True),
         ("fused AdamW", True),
         ("bf16 autocast", True),
-        ("all three together", True),
+        ("keep freed memory", True),
+        ("all together", True),
     ]
-    assert not (off.channels_last or off.fused_adamw or off.bf16)
+    assert not (off.channels_last or off.fused_adamw or off.bf16 or off.keep_memory)
     assert everything.channels_last and everything.fused_adamw and everything.bf16
-    assert comparisons[4][1:] == (
+    assert everything.keep_memory
+    assert comparisons[5][1:] == (
         everything,
-        replace(everything, name=comparisons[4][2].name, attention_impl="triton"),
+        replace(everything, name=comparisons[5][2].name, attention_impl="triton"),
     )
-    assert len(arms) == 6  # off, three singles, all three, all three + triton
+    assert len(arms) == 7  # off, four singles, all, all + triton
+
+
+def test_keeping_freed_memory_takes_on_glibc_and_can_be_undone():
+    if not precision.can_keep_freed_memory():
+        pytest.skip("not glibc")
+    try:
+        assert precision.keep_freed_memory(True)
+    finally:
+        assert precision.keep_freed_memory(False)

@@ -366,6 +366,8 @@ def test_a_step_budget_resumed_inside_a_pass_matches_an_uninterrupted_run(
     assert [r.steps for r in straight] == [3, 6] and [r.steps for r in resumed] == [6]
     weights = [load_checkpoint(tmp_path / d / "pretrain.pt")["model"] for d in
                ("straight", "again", "resumed")]  # fmt: skip
-    # Deterministic at the pinned thread count: twice the same, and the same after a resume.
+    # Deterministic at the pinned thread count: twice the same, and the same after a resume,
+    # with the default speed switches (bf16 autocast where the CPU has it, channels_last,
+    # fused AdamW): oneDNN's bf16 kernels repeat bit for bit at a fixed thread count.
     for other in weights[1:]:
         assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
