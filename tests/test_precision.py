@@ -22,6 +22,7 @@ terms, their weights and the class count, a relative bound does not. Why they di
 from __future__ import annotations
 
 import copy
+import ctypes
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -330,10 +331,35 @@ def test_bench_compares_each_switch_with_float32_and_fast_attention_with_all_swi
     assert len(arms) == 7  # off, four singles, all, all + triton
 
 
-def test_keeping_freed_memory_takes_on_glibc_and_can_be_undone():
-    if not precision.can_keep_freed_memory():
-        pytest.skip("not glibc")
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+def _mmapped_after_malloc(libc, nbytes: int) -> bool:
+    """Whether glibc serves a malloc of ``nbytes`` with a fresh mmap (not from the heap)."""
+    libc.mallinfo2.restype = _Mallinfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(nbytes)
+    try:
+        return libc.mallinfo2().hblks > before
+    finally:
+        libc.free(block)
+
+
+def test_keeping_freed_memory_serves_step_sized_tensors_from_the_heap():
+    libc = precision._glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
     try:
         assert precision.keep_freed_memory(True)
-    finally:
+        assert not _mmapped_after_malloc(libc, 16 << 20)  # a nano activation is ~12 MiB
         assert precision.keep_freed_memory(False)
+        assert _mmapped_after_malloc(libc, 16 << 20)  # glibc's static default: mmap'd
+    finally:
+        precision.keep_freed_memory(True)
