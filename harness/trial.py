@@ -108,7 +108,9 @@ def _run(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker, run_i
     finetune_cfg = resolved.finetune
     if resolved.twin is not None:
         finetune_cfg = matched_finetune(resolved, data, context)
-    tracker.log_params(run_id, trial_params(resolved, context, finetune_cfg))
+    tracker.log_params(
+        run_id, {**trial_params(resolved, context, finetune_cfg), **core.effective_runtime(runtime)}
+    )
     config = trial_config(resolved, context, pretraining, shares)
     tracker.log_json(run_id, config, "trial_config.json")
     log_datasets(tracker, run_id, resolved, context)
@@ -188,7 +190,8 @@ def ensure_pretraining(
                 **context.source_tags,
             },
         )
-        tracker.log_params(run_id, params)
+        runtime = core_runtime(resolved)
+        tracker.log_params(run_id, {**params, **core.effective_runtime(runtime)})
 
         def on_epoch(report) -> None:
             tracker.log_metrics(run_id, pretrain_metrics(report), step=report.epoch)
@@ -207,7 +210,7 @@ def ensure_pretraining(
                     resolved.pretrain,
                     out_dir=work / "train",
                     seed=seed,
-                    runtime=core_runtime(resolved),
+                    runtime=runtime,
                     on_epoch=on_epoch,
                 )
             log_alignment(tracker, run_id, resolved, context, checkpoint)

@@ -38,6 +38,8 @@ Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 Ratio = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 Side = Annotated[int, Field(ge=16, le=4096)]  # an image side in pixels
 ClassWeights = tuple[Positive, ...] | Literal["auto"] | None
+# Evaluate every N periods and after the last one (0: after the last only; None: never).
+ValEvery = Annotated[int, Field(ge=0, le=10**7)] | None
 
 
 class Config(BaseModel):
@@ -234,8 +236,7 @@ class PhaseConfig(Config):
     # ego frame by a random yaw in [-d, d] degrees (extrinsics, ego motion and BEV label
     # together; label cells rotated in from outside the grid are ignored).
     bev_aug_yaw_deg: Annotated[float, Field(ge=0, le=180, allow_inf_nan=False)] = 0.0
-    # Evaluate every N epochs and after the last one (0: after the last only; None: never).
-    val_every: Annotated[int, Field(ge=0, le=10**7)] | None = 1
+    val_every: ValEvery = 1
 
 
 class PretrainConfig(PhaseConfig):
@@ -243,6 +244,9 @@ class PretrainConfig(PhaseConfig):
 
     w_reproj: Weight = 1.0
     w_temporal: Weight = 0.1
+    # The pretrained head's val score is read once, at the end (the study's sanity ladder):
+    # validating every epoch cost a quarter of a CPU study's time for curves nobody reads.
+    val_every: ValEvery = 0
 
     @model_validator(mode="after")
     def _some_loss(self) -> PretrainConfig:
@@ -295,7 +299,13 @@ class RuntimeConfig(Config):
     """How a run executes, not what it computes (not part of any cache key)."""
 
     device: Literal["auto", "cpu", "cuda"] | Annotated[str, Field(pattern=r"^cuda:\d+$")] = "auto"
-    bf16: bool = True  # bf16 autocast on CUDA
+    # The speed switches of model.precision, on by default; they leave the method as it is.
+    # bf16: autocast where the device computes bf16 natively (CUDA; CPUs with AVX512-BF16 or
+    # AMX), float32 elsewhere; false: float32 everywhere.
+    bf16: bool = True
+    channels_last: bool = True  # image backbone + FPN in NHWC memory order
+    fused_adamw: bool = True  # one fused AdamW kernel (foreach where torch has none)
+    keep_freed_memory: bool = True  # glibc keeps freed memory for the next step (process-wide)
     progress: bool = True  # tqdm bars (shown on terminals only)
     # torch's intra-op threads (inter-op: 1). CPU results are deterministic only for a fixed
     # thread count (the same trial moves by ~0.016 mIoU between 1 and 2 threads), so it is

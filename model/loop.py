@@ -2,7 +2,7 @@
 
 One step, as BEVFormer trains with its history queue of length 2:
 
-1. the previous keyframe's BEV is computed under ``no_grad`` with the model in eval mode
+1. the previous keyframe's BEV is computed without gradients with the model in eval mode
    (``obtain_history_bev`` in the official code); it feeds temporal self-attention and, warped
    by ego motion, is the target of the temporal loss;
 2. forward on the current keyframe with that history, then the phase's weighted loss terms;
@@ -43,7 +43,7 @@ from model import names
 from model.bevformer import BEVFormerSeg
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.compat import check_resumable
-from model.config import EarlyStopping, EpochReport, OptimConfig, PhaseConfig
+from model.config import EarlyStopping, EpochReport, OptimConfig, PhaseConfig, RuntimeConfig
 from model.data.labels import is_multilabel
 from model.data.pseudo_labels import pseudo_channel_groups
 from model.geometry import BevGrid
@@ -57,6 +57,7 @@ from model.losses import (
     weighted_sum,
 )
 from model.metrics import make_metric
+from model.precision import autocast, make_adamw, to_channels_last
 from model.reprojection import reproject
 from model.warp import rotate_ego_frame
 
@@ -86,12 +87,6 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return factor
 
 
-def autocast(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @contextlib.contextmanager
 def _eval_mode(net: torch.nn.Module):
     was_training = net.training
@@ -118,12 +113,15 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _history(net: BEVFormerSeg, batch: dict, amp) -> dict | None:
-    """The previous keyframe's outputs under no_grad in eval mode (BEVFormer's history BEV)."""
+    """The previous keyframe's outputs without gradients in eval mode (BEVFormer's history
+    BEV). Under ``inference_mode`` (measured 1.09x over ``no_grad`` for this pass on nano, CPU);
+    its tensors are cloned out of it, since the training step saves them for backward."""
     prev = batch.get("prev")
     if prev is None:
         return None
-    with torch.no_grad(), _eval_mode(net), amp:
-        return net(prev["images"], prev["intrinsics"], prev["ego_from_cam"])
+    with torch.inference_mode(), _eval_mode(net), amp:
+        out = net(prev["images"], prev["intrinsics"], prev["ego_from_cam"])
+    return {key: value.clone() for key, value in out.items()}
 
 
 def _forward(net: BEVFormerSeg, batch: dict, history: dict | None, use_history: bool, amp):
@@ -145,15 +143,16 @@ def evaluate(
     loader: DataLoader,
     protocol: str,
     device: torch.device | str,
+    bf16: bool,
     use_history: bool = True,
     progress: bool = False,
 ) -> dict[str, float]:
     """Metrics of ``net`` over every batch of ``loader`` (``model.metrics``: HDMapNet argmax
     IoU for hdmapnet, best-threshold IoU for fine): ``{"mIoU", "IoU_<class>", ...}``. With
     ``use_history`` and batches that carry ``prev``, the history BEV is the previous
-    keyframe's, as in training."""
+    keyframe's, as in training. ``bf16``: ``RuntimeConfig.bf16``."""
     device = torch.device(device)
-    amp = autocast(device, True)
+    amp = autocast(device, bf16)
     metric = make_metric(protocol)
     with _eval_mode(net):
         for batch in tqdm(loader, desc="val", leave=False, disable=None if progress else True):
@@ -172,11 +171,13 @@ _PALETTE = np.array(
 
 
 @torch.no_grad()
-def preview(net: BEVFormerSeg, loader: DataLoader, device, use_history: bool) -> np.ndarray:
+def preview(
+    net: BEVFormerSeg, loader: DataLoader, device, bf16: bool, use_history: bool
+) -> np.ndarray:
     """The first val sample's BEV prediction (argmax) beside its label: (H, 2W, 3) uint8,
     ego forward up. Multi-label protocols show the highest-scoring channel above 0.5."""
     batch = _to_device(next(iter(loader)), torch.device(device))
-    amp = autocast(torch.device(device), True)
+    amp = autocast(torch.device(device), bf16)
     with _eval_mode(net):
         history = _history(net, batch, amp) if use_history else None
         logits = _forward(net, batch, history, use_history, amp)["bev_logits"][0].float()
@@ -209,8 +210,7 @@ class Phase:
     protocol: str
     grid: BevGrid
     device: torch.device
-    bf16: bool
-    progress: bool
+    runtime: RuntimeConfig  # precision switches, progress bars
     checkpoint_path: Path
     meta: dict  # plain values stored with the checkpoint (configs, subset)
     bev_class_weights: tuple[float, ...] | None = None
@@ -271,11 +271,20 @@ def _loss_terms(phase: Phase, batch: dict, amp) -> dict[str, torch.Tensor]:
     return terms
 
 
-def _optimizer(net: BEVFormerSeg, cfg: OptimConfig) -> torch.optim.AdamW:
+def prepare(net: BEVFormerSeg, device: torch.device, runtime: RuntimeConfig) -> BEVFormerSeg:
+    """``net`` on ``device``, its backbone + FPN in channels_last if ``runtime`` says so."""
+    net.to(device)
+    return to_channels_last(net) if runtime.channels_last else net
+
+
+def make_optimizer(
+    net: BEVFormerSeg, cfg: OptimConfig, device: torch.device, fused: bool
+) -> torch.optim.AdamW:
+    """AdamW over the network's parameter groups (``base_lr``: the lr the schedule scales)."""
     groups = net.param_groups(cfg.lr, cfg.backbone_lr_mult)
     for group in groups:
         group["base_lr"] = group["lr"]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return make_adamw(groups, cfg.lr, cfg.weight_decay, device, fused)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -373,9 +382,9 @@ class _Best:
 
 def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> list[EpochReport]:
     """Train the phase's budget, resuming from ``phase.checkpoint_path`` if it exists."""
-    net, device, cfg = phase.net, phase.device, phase.cfg
-    net.to(device)
-    optimizer = _optimizer(net, cfg.optim)
+    net, device, cfg, runtime = phase.net, phase.device, phase.cfg, phase.runtime
+    prepare(net, device, runtime)
+    optimizer = make_optimizer(net, cfg.optim, device, runtime.fused_adamw)
     plan = schedule(cfg, len(phase.loader), phase.extra_steps)
     history: list[EpochReport] = []
     start, step, cum_wall_s, cum_gpu_s = 0, 0, 0.0, 0.0
@@ -396,7 +405,7 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
             return history
     batches = _Batches(phase.loader, phase.seed)
     batches.seek(step)
-    amp = autocast(device, phase.bf16)
+    amp = autocast(device, runtime.bf16)
     cuda = device.type == "cuda"
     miou_key = names.val_metric(phase.name, names.MIOU)
     for period in range(start + 1, plan.periods + 1):
@@ -410,7 +419,7 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
             total=n,
             desc=f"{phase.name} {period}/{plan.periods}",
             leave=False,
-            disable=None if phase.progress else True,
+            disable=None if runtime.progress else True,
         )
         for i in range(n):
             batch = batches.next()
@@ -448,11 +457,17 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
         val: dict[str, float] = {}
         val_start = time.perf_counter()
         if phase.val is not None and _val_due(cfg, period, plan.periods):
-            metrics = evaluate(net, phase.val, phase.protocol, device, cfg.use_history)
+            metrics = evaluate(
+                net, phase.val, phase.protocol, device, runtime.bf16, cfg.use_history
+            )
             val = {names.val_metric(phase.name, k): v for k, v in metrics.items()}
             if stopping is not None:
                 best.update(period, val, miou_key, stopping.min_delta)
-            image = preview(net, phase.val, device, cfg.use_history) if phase.preview else None
+            image = (
+                preview(net, phase.val, device, runtime.bf16, cfg.use_history)
+                if phase.preview
+                else None
+            )
         else:
             image = None
         stop = stopping is not None and best.bad >= stopping.patience and period < plan.periods

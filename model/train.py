@@ -51,7 +51,13 @@ from model.data.pseudo_labels import ensure_synthetic
 from model.data.subsets import label_subset
 from model.geometry import BevGrid
 from model.loaders import make_dataset, train_loader, val_loader
-from model.loop import Phase, evaluate, run_phase, schedule, seed_everything
+from model.loop import Phase, evaluate, prepare, run_phase, schedule, seed_everything
+from model.precision import (
+    bf16_autocast_active,
+    can_keep_freed_memory,
+    fused_adamw_supported,
+    keep_freed_memory,
+)
 from model.presets import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,28 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+def effective_runtime(runtime: RuntimeConfig) -> dict[str, bool | str]:
+    """What ``runtime``'s speed switches do on this machine, logged beside the ``runtime.*``
+    params: whether bf16 autocast really runs (``runtime.bf16`` asks for it where supported),
+    and which AdamW kernel steps (fused, foreach, or torch's default)."""
+    device = resolve_device(runtime.device)
+    adamw = "default"
+    if runtime.fused_adamw:
+        adamw = "fused" if fused_adamw_supported(device) else "foreach"
+    return {
+        "effective.bf16": bf16_autocast_active(device, runtime.bf16),
+        "effective.adamw": adamw,
+        "effective.keep_freed_memory": runtime.keep_freed_memory and can_keep_freed_memory(),
+    }
+
+
+def set_up_process(runtime: RuntimeConfig) -> None:
+    """The process-wide settings of ``runtime``: threads pinned, freed memory kept."""
+    pin_threads(runtime.threads)
+    if runtime.keep_freed_memory:
+        keep_freed_memory()
 
 
 def pin_threads(threads: int) -> None:
@@ -103,7 +131,7 @@ def pretrain(
     Returns the checkpoint path (``<out_dir>/pretrain.pt``); resumes from it when it exists.
     """
     device = resolve_device(runtime.device)
-    pin_threads(runtime.threads)
+    set_up_process(runtime)
     seed_everything(seed)
     num_classes = len(class_names(data.protocol))
     grid = data.label_grid(model)
@@ -131,8 +159,7 @@ def pretrain(
         protocol=data.protocol,
         grid=grid,
         device=device,
-        bf16=runtime.bf16,
-        progress=runtime.progress,
+        runtime=runtime,
         checkpoint_path=Path(out_dir) / "pretrain.pt",
         meta=meta,
         reproj_class_weights=reproj_weights,
@@ -156,7 +183,7 @@ def finetune(
     pretraining) or from scratch. Validates every ``cfg.val_every`` epochs and after the last.
     """
     device = resolve_device(runtime.device)
-    pin_threads(runtime.threads)
+    set_up_process(runtime)
     seed_everything(seed)
     num_classes = len(class_names(data.protocol))
     grid = data.label_grid(model)
@@ -203,8 +230,7 @@ def finetune(
         protocol=data.protocol,
         grid=grid,
         device=device,
-        bf16=runtime.bf16,
-        progress=runtime.progress,
+        runtime=runtime,
         checkpoint_path=Path(out_dir) / "finetune.pt",
         meta=meta,
         bev_class_weights=class_weights,
@@ -257,9 +283,9 @@ def evaluate_checkpoint(
     """Val metrics (``val/...`` names) of a checkpoint as it is, e.g. a pretraining's head with
     no fine-tuning (the "pretrained only" point of a study)."""
     device = resolve_device(runtime.device)
-    net = load_model(checkpoint, device)
+    net = prepare(load_model(checkpoint), device, runtime)
     if data.label_grid(net.cfg) != net.label_grid:
         data = data.model_copy(update={"grid": net.label_grid})
     loader = val_loader(data, net.cfg, batch_size, use_history)
-    metrics = evaluate(net, loader, data.protocol, device, use_history)
+    metrics = evaluate(net, loader, data.protocol, device, runtime.bf16, use_history)
     return {names.val_metric("finetune", k): v for k, v in metrics.items()}

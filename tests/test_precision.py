@@ -1,9 +1,10 @@
 """Speed switches of model.precision: the training step they make is the float32 NCHW one.
 
-The training comparisons run 20 steps of nano pretraining as ``model.loop.run_phase`` steps
-(``_loss_terms``: history BEV in eval mode, reprojection + temporal loss; the loop's lr
-schedule; gradient clipping) from the same weights on the same small synthetic batches, once
-per switch setting, and compare the loss curves.
+The training comparisons run 20 steps of nano pretraining through ``model.loop.run_phase``
+with the switches of ``RuntimeConfig`` (the loop's ``prepare`` and ``make_optimizer``; history
+BEV in eval mode, reprojection + temporal loss; the lr schedule; gradient clipping) from the
+same weights on the same small synthetic batches, once per switch setting, and compare the
+loss curves step by step (a step budget reporting every step).
 
 Tolerances are relative to the loss (|a - b| <= tol * |b|): the loss's scale depends on the
 terms, their weights and the class count, a relative bound does not. Why they differ:
@@ -21,6 +22,7 @@ terms, their weights and the class count, a relative bound does not. Why they di
 from __future__ import annotations
 
 import copy
+import ctypes
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -28,17 +30,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
-from model import precision
+from model import names, precision
 from model.backbone import ResNetFPN
 from model.bench import synthetic_rig
 from model.bevformer import BEVFormerSeg
-from model.config import PretrainConfig
+from model.checkpoint import load_checkpoint
+from model.config import PretrainConfig, RuntimeConfig
 from model.geometry import BevGrid
-from model.loop import Phase, _loss_terms, _set_lr, lr_factor
-from model.losses import weighted_sum
+from model.loop import Phase, run_phase
 from model.precision import autocast, make_adamw, to_channels_last
 from model.presets import ModelConfig, get_preset
+from model.train import effective_runtime, pin_threads
 
 CFG = get_preset("nano", image_size=(48, 80))
 GRID = BevGrid(resolution_m=1.0)  # 60 m x 30 m: a 60 x 30 label grid
@@ -82,49 +86,41 @@ class ConvDtypes:
 
 
 def train_losses(
-    channels_last: bool = False, fused: bool = False, bf16: bool = False
+    tmp_path: Path, channels_last: bool = False, fused: bool = False, bf16: bool = False
 ) -> tuple[torch.Tensor, set[torch.dtype]]:
-    """The loss of every step of a short nano pretraining run, stepped as run_phase steps, and
-    the dtypes the backbone's first convolution computed in."""
-    cfg = PretrainConfig()
+    """The loss of every step of a short nano pretraining run through ``run_phase`` (the
+    training path: ``prepare``, ``make_optimizer``, autocast, lr schedule, clipping) with the
+    given switches, and the dtypes the backbone's first convolution computed in."""
+    cfg = PretrainConfig(budget={"unit": "steps", "value": STEPS, "every": 1}, val_every=None)
     torch.manual_seed(0)
-    net = BEVFormerSeg(CFG, NUM_CLASSES, GRID).train()
-    if channels_last:
-        to_channels_last(net)
+    net = BEVFormerSeg(CFG, NUM_CLASSES, GRID)
     conv_dtypes = ConvDtypes(net.backbone.body.conv1)
-    groups = net.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult)
-    for group in groups:
-        group["base_lr"] = group["lr"]
-    optimizer = make_adamw(groups, cfg.optim.lr, cfg.optim.weight_decay, CPU, fused=fused)
+    runtime = RuntimeConfig(
+        device="cpu", progress=False, channels_last=channels_last, fused_adamw=fused, bf16=bf16
+    )
     phase = Phase(
         name="pretrain",
         cfg=cfg,
         net=net,
-        loader=None,
+        loader=DataLoader(synthetic_batches(4), batch_size=None),  # the batches as they are
         val=None,
         seed=0,
         labelled_samples=0,
         protocol="hdmapnet",
         grid=GRID,
         device=CPU,
-        bf16=bf16,
-        progress=False,
-        checkpoint_path=Path("unused.pt"),
+        runtime=runtime,
+        checkpoint_path=tmp_path / f"cl{channels_last:d}-fused{fused:d}-bf16{bf16:d}.pt",
         meta={},
     )
-    amp = autocast(CPU, bf16)
-    batches = synthetic_batches(4)
-    losses = []
-    torch.manual_seed(1)
-    for step in range(STEPS):
-        _set_lr(optimizer, lr_factor(step, STEPS, cfg.optim))
-        terms = _loss_terms(phase, batches[step % len(batches)], amp)
-        loss = weighted_sum(terms, phase.weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip_norm)
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    reports = run_phase(phase, on_epoch=None)
+    assert [r.steps for r in reports] == list(range(1, STEPS + 1))  # one report per step
+    # The loop switched what it was told to, and nothing else.
+    conv = net.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+    adamw = load_checkpoint(phase.checkpoint_path)["optimizer"]["param_groups"][0]
+    assert bool(adamw["fused"]) == fused
+    losses = [r.losses[names.loss_metric("pretrain", "loss")] for r in reports]
     return torch.tensor(losses, dtype=torch.float64), conv_dtypes.seen
 
 
@@ -133,31 +129,52 @@ def relative_gap(losses: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def float32_nchw_losses() -> torch.Tensor:
-    losses, conv_dtypes = train_losses()
+def float32_nchw_losses(tmp_path_factory) -> torch.Tensor:
+    losses, conv_dtypes = train_losses(tmp_path_factory.mktemp("fp32"))
     assert conv_dtypes == {torch.float32}
     return losses
+
+
+@pytest.fixture(autouse=True, scope="module")
+def pinned_threads():
+    """The runtime's thread count, as ``pretrain``/``finetune`` pin it (run_phase does not)."""
+    pin_threads(RuntimeConfig().threads)
 
 
 # --- what each switch does to training ---------------------------------------------------
 
 
 @needs_bf16_cpu
-def test_all_switches_keep_the_loss_curve_within_1e3_of_float32_nchw(float32_nchw_losses):
-    losses, conv_dtypes = train_losses(channels_last=True, fused=True, bf16=True)
+def test_all_switches_keep_the_loss_curve_within_1e3_of_float32_nchw(float32_nchw_losses, tmp_path):
+    losses, conv_dtypes = train_losses(tmp_path, channels_last=True, fused=True, bf16=True)
     assert conv_dtypes == {torch.bfloat16}  # bf16 really was on, in the history pass too
     assert relative_gap(losses, float32_nchw_losses).max() <= 1e-3
 
 
-def test_channels_last_alone_keeps_the_loss_curve_of_nchw(float32_nchw_losses):
-    gap = relative_gap(train_losses(channels_last=True)[0], float32_nchw_losses)
+def test_channels_last_alone_keeps_the_loss_curve_of_nchw(float32_nchw_losses, tmp_path):
+    gap = relative_gap(train_losses(tmp_path, channels_last=True)[0], float32_nchw_losses)
     assert gap[0] <= 1e-6  # same weights, same batch: only the sums' order differs
     assert gap.max() <= 1e-4  # then ReLU flips drift it (module docstring)
 
 
-def test_fused_adamw_alone_keeps_the_loss_curve_of_plain_adamw(float32_nchw_losses):
-    gap = relative_gap(train_losses(fused=True)[0], float32_nchw_losses)
+def test_fused_adamw_alone_keeps_the_loss_curve_of_plain_adamw(float32_nchw_losses, tmp_path):
+    gap = relative_gap(train_losses(tmp_path, fused=True)[0], float32_nchw_losses)
     assert gap.max() <= 1e-6
+
+
+def test_runtime_switches_are_on_by_default_and_record_what_they_do_here():
+    on = effective_runtime(RuntimeConfig(device="cpu"))
+    assert on == {
+        "effective.bf16": precision.cpu_supports_bf16(),
+        "effective.adamw": "fused",
+        "effective.keep_freed_memory": precision.can_keep_freed_memory(),
+    }
+    off = RuntimeConfig(device="cpu", bf16=False, fused_adamw=False, keep_freed_memory=False)
+    assert effective_runtime(off) == {
+        "effective.bf16": False,
+        "effective.adamw": "default",
+        "effective.keep_freed_memory": False,
+    }
 
 
 # --- channels_last backbone ----------------------------------------------------------------
@@ -296,17 +313,53 @@ def test_bench_compares_each_switch_with_float32_and_fast_attention_with_all_swi
     from model.bench import compare_arms
 
     arms, comparisons = compare_arms(["triton"])
-    off, everything = comparisons[0][1], comparisons[3][2]
-    assert [(label, a is off) for label, a, _ in comparisons[:4]] == [
+    off, everything = comparisons[0][1], comparisons[4][2]
+    assert [(label, a is off) for label, a, _ in comparisons[:5]] == [
         ("channels_last backbone", True),
         ("fused AdamW", True),
         ("bf16 autocast", True),
-        ("all three together", True),
+        ("keep freed memory", True),
+        ("all together", True),
     ]
-    assert not (off.channels_last or off.fused_adamw or off.bf16)
+    assert not (off.channels_last or off.fused_adamw or off.bf16 or off.keep_memory)
     assert everything.channels_last and everything.fused_adamw and everything.bf16
-    assert comparisons[4][1:] == (
+    assert everything.keep_memory
+    assert comparisons[5][1:] == (
         everything,
-        replace(everything, name=comparisons[4][2].name, attention_impl="triton"),
+        replace(everything, name=comparisons[5][2].name, attention_impl="triton"),
     )
-    assert len(arms) == 6  # off, three singles, all three, all three + triton
+    assert len(arms) == 7  # off, four singles, all, all + triton
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+def _mmapped_after_malloc(libc, nbytes: int) -> bool:
+    """Whether glibc serves a malloc of ``nbytes`` with a fresh mmap (not from the heap)."""
+    libc.mallinfo2.restype = _Mallinfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(nbytes)
+    try:
+        return libc.mallinfo2().hblks > before
+    finally:
+        libc.free(block)
+
+
+def test_keeping_freed_memory_serves_step_sized_tensors_from_the_heap():
+    libc = precision._glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    try:
+        assert precision.keep_freed_memory(True)
+        assert not _mmapped_after_malloc(libc, 16 << 20)  # a nano activation is ~12 MiB
+        assert precision.keep_freed_memory(False)
+        assert _mmapped_after_malloc(libc, 16 << 20)  # glibc's static default: mmap'd
+    finally:
+        precision.keep_freed_memory(True)

@@ -41,14 +41,17 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import shapely
-from nuscenes.map_expansion.map_api import NuScenesMap
 from shapely.geometry import LineString, box
 
 from model.geometry import BevGrid, check_grid, check_number
+
+if TYPE_CHECKING:  # the devkit's import (tables, sklearn) is paid where labels are rasterised
+    from nuscenes.map_expansion.map_api import NuScenesMap
 
 PROTOCOLS: tuple[str, ...] = ("hdmapnet", "hdmapnet_filled", "fine")
 SOURCES: tuple[str, ...] = ("map", "paint")
