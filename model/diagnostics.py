@@ -31,8 +31,9 @@ from model.data.alignment import (
 )
 from model.data.labels import is_multilabel
 from model.loaders import label_config, make_dataset, make_loader
-from model.loop import _forward, _history, _to_device, autocast
+from model.loop import _forward, _history, _to_device, prepare
 from model.metrics import ArgmaxIoU
+from model.precision import autocast
 from model.reprojection import reprojection_grids
 
 PREFIX = names.ALIGN_PREFIX
@@ -50,7 +51,7 @@ def checkpoint_alignment(
         return {}
     device = resolve_device(runtime.device)
     ensure_pseudo_labels(data)
-    net = load_model(checkpoint, device)
+    net = prepare(load_model(checkpoint), device, runtime)
     if data.label_grid(net.cfg) != net.label_grid:
         data = data.model_copy(update={"grid": net.label_grid})
     return pretraining_alignment(data, net, cfg, autocast(device, runtime.bf16), device)
