@@ -71,7 +71,7 @@ def resolve_tracking_uri(
     )
     if uri is None:
         raise ValueError("no MLflow tracking URI: pass one, set $MLFLOW_TRACKING_URI or a default")
-    log.info("MLflow tracking URI %s (from %s)", uri, source)
+    log.debug("MLflow tracking URI %s (from %s)", uri, source)
     return uri
 
 
@@ -80,7 +80,7 @@ def resolve_ray_address(cli: str | None = None, spec: str | None = None) -> str 
     address, source = _first_set(
         ("command line", cli), ("$RAY_ADDRESS", os.environ.get("RAY_ADDRESS")), ("spec", spec)
     )
-    log.info("Ray address %s (from %s)", address or "local", source)
+    log.debug("Ray address %s (from %s)", address or "local", source)
     return address
 
 
