@@ -7,6 +7,7 @@ decides when to kill by watching the state file and MLflow, never by sleeping a 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -141,9 +142,7 @@ def uninterrupted(tmp_path_factory) -> dict[str, float]:
 
 
 def final_miou(sweep: Sweep) -> dict[str, float]:
-    return {
-        r.data.tags["bev.trial_id"]: r.data.metrics["val/mIoU"] for r in sweep.runs("trial")
-    }
+    return {r.data.tags["bev.trial_id"]: r.data.metrics["val/mIoU"] for r in sweep.runs("trial")}
 
 
 def _ray_saved(sweep: Sweep) -> bool:
@@ -180,6 +179,7 @@ KILL_POINTS = {
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three sweeps on a loaded 2-core machine took over 15 minutes
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_kill_9_at_any_point_then_resume_loses_reruns_and_duplicates_nothing(
     tmp_path, uninterrupted, point
@@ -224,3 +224,65 @@ def test_an_address_that_does_not_answer_fails_in_seconds_before_any_mlflow_run(
     line = error_line(proc)
     assert "--address" in line and "127.0.0.1:1" in line, line
     assert not sweep.storage.exists()  # no MLflow store, no state, no lock
+
+
+# --- loopback only -------------------------------------------------------------------------------
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the command: state, ppid, pgrp, ...
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _listening(pids: list[int]) -> list[tuple[int, str, int]]:
+    """(pid, local address, port) of every TCP socket in LISTEN held by `pids`."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes[target[8:-1]] = pid
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            cols = row.split()
+            if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
+                continue
+            addr_hex, port_hex = cols[1].split(":")
+            raw = bytes.fromhex(addr_hex)
+            # /proc prints each 32-bit word in host (little-endian) order.
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(words)
+            found.append((inodes[cols[9]], str(ip), int(port_hex, 16)))
+    return found
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+@pytest.mark.slow
+def test_a_local_sweep_listens_on_loopback_only(tmp_path):
+    sweep = write_study(tmp_path, "loopback", **TINY)
+    proc = start(sweep)
+    try:
+        wait_until(proc, lambda: runs(sweep, "trial"), "a trial run")
+        sockets = _listening(_group_pids(proc.pid))
+    finally:
+        _kill_group(proc)
+        proc.wait(timeout=60)
+    assert sockets, "found no listening socket of the sweep's processes"
+    exposed = [s for s in sockets if not _loopback(s[1])]
+    assert not exposed, f"listening beyond loopback (pid, address, port): {exposed}"
