@@ -55,6 +55,7 @@ from harness.tracking import (
 from harness.trial import SweepContext, run_trial
 from harness.trials import ResolvedTrial, Trial, expand_trials, pretrain_shares
 from model import names
+from model.cli import OneLineParser
 from model.names import ROLE
 
 log = logging.getLogger("harness.sweep")
@@ -64,7 +65,7 @@ METRIC, MODE = names.VAL_MIOU, "max"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m harness.sweep",
         description="Run a label-efficiency study: YAML spec -> Ray Tune trials -> MLflow.",
     )

@@ -206,7 +206,7 @@ CASES = [
     Case("sweep-spec-empty", "harness.sweep {empty}", "{empty}", "the spec is empty"),
     Case("sweep-spec-binary", "harness.sweep {corrupt}", "{corrupt}", "not"),
     Case("sweep-spec-a-list", "harness.sweep {listing}", "{listing}", "must be a mapping"),
-    Case("sweep-unknown-option", f"{S} --resum", "--resum", "unrecognized"),
+    Case("sweep-unknown-option", f"{S} --bogus", "--bogus", "unrecognized"),
     Case("sweep-max-concurrent-zero", f"{S} --max-concurrent 0", "max_concurrent", ">= 1"),
     Case("sweep-max-concurrent-text", f"{S} --max-concurrent two", "--max-concurrent", "'two'"),
     Case("sweep-set-no-equals", f"{S} --set finetune", "--set 'finetune'", "key.path=value"),
