@@ -8,20 +8,25 @@ the sweep. The callbacks run in the driver process, inside `Tuner.fit`.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray.tune import Callback as _TuneCallback
 
-from harness.spec import Spec
+from harness.spec import Spec, SpecError
 from harness.tracking import Tracker
 from harness.trials import Trial
 from model import names
 from model.names import PARENT, ROLE, TRIAL_ID
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "sweep_state.json"
+STATE_KEYS = ("ray_path", "tracking_uri", "experiment")  # what a resume needs
 
 
 def trial_of(trial) -> Trial:
@@ -36,10 +41,100 @@ def read_state(path: Path) -> dict | None:
         return None
 
 
+def load_state(path: Path) -> dict | None:
+    """The state file of the study's last sweep (None: there is none); a file that is not one
+    (truncated, `{}`, an old one missing a key) is a `SpecError` naming it and the key."""
+    if not path.exists():
+        return None
+    fix = "remove it to start a new sweep"
+    try:
+        state = json.loads(path.read_text())
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the sweep state: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: not valid JSON (truncated?): {exc}; {fix}") from None
+    if not isinstance(state, dict):
+        raise SpecError(f"{path}: expected a JSON object, got {type(state).__name__}; {fix}")
+    for key in STATE_KEYS:
+        if key not in state:
+            raise SpecError(f"{path}: {key}: required key is missing; {fix}")
+    return state
+
+
 def write_state(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, path)
+
+
+def begin_state(path: Path, previous: dict | None, ray_path: Path, **fields) -> dict:
+    """The sweep's state, written before anything else it does (data, MLflow, Ray), so a kill
+    at any point leaves a sweep `--resume` continues. `previous`: the state being resumed."""
+    state = dict(previous or {})
+    state.setdefault("ray_path", str(ray_path))
+    state.setdefault("sweep_run_id", None)  # set once the parent MLflow run exists
+    state.setdefault("started", time.strftime("%Y-%m-%d %H:%M:%S"))
+    state.update(fields, status="running")
+    # Wall time of every process that ran this sweep (a resume adds one): the clock callback
+    # keeps the last one current, so a kill -9 loses at most a second.
+    state["segments_s"] = [*state.get("segments_s", []), process_age_s()]
+    write_state(path, state)
+    return state
+
+
+def update_state(path: Path, **fields) -> None:
+    write_state(path, {**(read_state(path) or {}), **fields})
+
+
+def stop_like_ctrl_c() -> None:
+    """SIGTERM and SIGHUP stop the sweep as Ctrl-C does: through Ray Tune's SIGINT handler
+    while trials run (it saves the experiment and stops them), a KeyboardInterrupt otherwise.
+    Call it again after `ray.init`, which installs its own SIGTERM handler."""
+
+    def forward(signum, frame) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+
+
+def close_sweep(
+    state_path: Path,
+    tracker: Tracker | None,
+    sweep_run_id: str | None,
+    status: str,
+    outcome: SweepOutcome,
+    slots: int,
+    complete: bool,
+) -> float:
+    """Record the sweep's end: children still RUNNING and the sweep run get `status`, the
+    outcome's metrics are logged, and with `complete` (Tune ran every trial to its end) the
+    state says `finished`: a finished sweep is never reopened. Does what it can when the disk
+    or the store fails. Returns the sweep's wall time, every process that ran it summed."""
+    try:
+        segments = record_segment(state_path, process_age_s())
+    except OSError as exc:
+        log.error("cannot write %s: %s", state_path, exc)
+        segments = (read_state(state_path) or {}).get("segments_s") or [process_age_s()]
+    wall_s = sum(segments)
+    if tracker is None or sweep_run_id is None:
+        return wall_s
+    try:
+        closed = tracker.close_unfinished(sweep_run_id, status=status)
+        if closed:
+            log.warning("%d run(s) were still RUNNING; marked %s", closed, status)
+        tracker.log_metrics(sweep_run_id, outcome.metrics(wall_s, slots), step=0)
+        tracker.log_metrics(sweep_run_id, {"sweep/segments": len(segments)}, step=0)
+        tracker.finish(sweep_run_id, status)
+    except Exception as exc:  # a full disk, a store gone: what could be marked is marked
+        log.error("cannot record the end of sweep run %s: %s", sweep_run_id, exc)
+        return wall_s
+    if complete:
+        update_state(state_path, status="finished")
+    return wall_s
 
 
 class SweepCallback(_TuneCallback):

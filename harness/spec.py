@@ -248,6 +248,8 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
         text = path.read_text()
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the spec: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: cannot read the spec: not UTF-8 text (a YAML file?)") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

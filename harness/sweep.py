@@ -28,12 +28,20 @@ from harness.driver import (
     SweepCallback,
     SweepClock,
     SweepOutcome,
-    process_age_s,
+    begin_state,
+    close_sweep,
     read_state,
-    record_segment,
+    stop_like_ctrl_c,
     trial_of,
     trial_slots,
-    write_state,
+    update_state,
+)
+from harness.lock import StudyLocked, study_lock
+from harness.preflight import (
+    SweepPlan,
+    missing_pseudo_labels,
+    plan_sweep,
+    refuse_interrupted,
 )
 from harness.spec import Spec, SpecError, load_spec, stable_hash
 from harness.tracking import (
@@ -43,14 +51,12 @@ from harness.tracking import (
     flatten,
     git_commit,
     local_artifact_location,
-    resolve_ray_address,
-    resolve_tracking_uri,
     source_tags,
-    sqlite_uri,
 )
 from harness.trial import SweepContext, run_trial
 from harness.trials import ResolvedTrial, Trial, expand_trials, pretrain_shares
 from model import names
+from model.cli import OneLineParser
 from model.names import ROLE
 
 log = logging.getLogger("harness.sweep")
@@ -60,7 +66,7 @@ METRIC, MODE = names.VAL_MIOU, "max"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m harness.sweep",
         description="Run a label-efficiency study: YAML spec -> Ray Tune trials -> MLflow.",
     )
@@ -129,7 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         print(plan_text(spec, trials))
         return EXIT_OK
     try:
-        return run_sweep(spec, args, trials)
+        plan = plan_sweep(spec, args.spec, args.resume, args.tracking_uri, args.address)
+        check_destination(plan.tracking_uri, spec.experiment, spec.storage_dir())
+        if plan.finished:
+            print(f"{args.spec}: study {spec.study}: its sweep already finished; nothing to resume")
+            return EXIT_OK
+        # The lock comes first, and the state right after it: see run_sweep.
+        with study_lock(spec.storage_dir()):
+            if not args.resume:
+                refuse_interrupted(spec)
+            return run_sweep(spec, args, trials, plan)
+    except StudyLocked as exc:
+        print(f"error: {args.spec}: storage_path: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except SpecError as exc:  # problems only visible once we look at the disk
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -200,106 +218,88 @@ def _count(n: int, noun: str) -> str:
 # --- the sweep ---------------------------------------------------------------------------------
 
 
-def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial]) -> int:
+def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: SweepPlan) -> int:
+    """Run (or continue) the sweep; the caller holds the study lock.
+
+    The state file is written before anything else (data, MLflow, Ray), so a kill at any point
+    leaves a sweep that `--resume` continues into the same parent MLflow run.
+    """
     import ray
 
-    if spec.data.dataroot and not Path(spec.data.dataroot).expanduser().is_dir():
-        raise SpecError(
-            f"{args.spec}: data.dataroot: directory {spec.data.dataroot} does not exist"
-        )
     storage = spec.storage_dir()
     state_path = storage / STATE_FILE
-    previous = read_state(state_path) if args.resume else None
-    if args.resume and previous is None:
-        raise SpecError(f"{args.spec}: --resume: no sweep to resume ({state_path} not found)")
-
-    # A resumed sweep goes on writing where it started, unless told otherwise.
-    default_uri = previous["tracking_uri"] if previous else sqlite_uri(storage / "mlflow.db")
-    tracking_uri = resolve_tracking_uri(args.tracking_uri, spec.mlflow.tracking_uri, default_uri)
-    address = resolve_ray_address(args.address, spec.ray.address)
-    check_destination(tracking_uri, spec.experiment, storage)
-    storage.mkdir(parents=True, exist_ok=True)
-
-    dataroot, version = prepare_data(spec, storage)
-    if "pretrained" in spec.methods:
-        prepare_pseudo_labels(spec, dataroot, version)
-    from model.data.dataset import dataset_fingerprint
-
-    fingerprint = dataset_fingerprint(dataroot, version)
-    resolved = [t.resolve(spec) for t in trials]
-    source = source_tags(f"harness.sweep {args.spec}")
-    tracker = Tracker(
-        tracking_uri,
-        spec.experiment,
-        artifact_location=local_artifact_location(tracking_uri, storage),
-        description=spec.description or f"bevlabels study {spec.study} ({args.spec})",
-    )
-
-    if previous is not None:
-        ray_path = Path(previous["ray_path"])
-        sweep_run_id = previous["sweep_run_id"]
-        if previous.get("config_hash") != spec.config_hash():
-            log.warning("the spec changed since the sweep started; resuming with the stored trials")
-        tracker.client.update_run(sweep_run_id, status="RUNNING")
-        log.info("resuming sweep %s (MLflow run %s)", ray_path.name, sweep_run_id)
-    else:
-        ray_path = storage / "ray" / f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}"
-        sweep_run_id = start_sweep_run(
-            spec, args.spec, args.overrides, tracker, fingerprint, resolved, source
-        )
-        log.info("sweep %s: MLflow run %s in %s", ray_path.name, sweep_run_id, tracking_uri)
-    write_state(
+    previous = plan.previous
+    stop_like_ctrl_c()
+    state = begin_state(
         state_path,
-        {
-            "ray_path": str(ray_path),
-            "sweep_run_id": sweep_run_id,
-            "tracking_uri": tracking_uri,
-            "experiment": spec.experiment,
-            "config_hash": spec.config_hash(),
-            "overrides": list(args.overrides),
-            # Wall time of every process that ran this sweep (a resume adds one): the clock
-            # callback keeps the last one current, so a kill -9 loses at most a second.
-            "segments_s": [*(previous or {}).get("segments_s", []), process_age_s()],
-        },
-    )
-
-    context = SweepContext(
-        study=spec.study,
-        tracking_uri=tracking_uri,
+        previous,
+        storage / "ray" / f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tracking_uri=plan.tracking_uri,
         experiment=spec.experiment,
-        sweep_run_id=sweep_run_id,
-        storage_dir=str(storage),
-        dataroot=str(dataroot),
-        version=version,
-        dataset_fingerprint=fingerprint,
-        spec=spec.model_dump(mode="json"),
-        source_tags=source,
-        pretrain_shares=pretrain_shares(resolved, fingerprint),
+        config_hash=spec.config_hash(),
+        overrides=list(args.overrides),
     )
-
+    ray_path, sweep_run_id = Path(state["ray_path"]), state["sweep_run_id"]
+    log.info("MLflow tracking URI %s; Ray %s", plan.tracking_uri, plan.address or "local")
+    if previous is not None and previous.get("config_hash") != spec.config_hash():
+        log.warning("the spec changed since the sweep started; resuming with the stored trials")
     planned = spec.optuna.num_samples if spec.optuna else len(trials)
-    slots = 1
-    status = "KILLED"
-    outcome = SweepOutcome(planned)
+    slots, status, complete, outcome, tracker = 1, "KILLED", False, SweepOutcome(planned), None
     try:
-        start_ray(address)
+        dataroot, version = prepare_data(spec, storage)
+        if "pretrained" in spec.methods:
+            prepare_pseudo_labels(spec, dataroot, version)
+        from model.data.dataset import dataset_fingerprint
+
+        fingerprint = dataset_fingerprint(dataroot, version)
+        resolved = [t.resolve(spec) for t in trials]
+        source = source_tags(f"harness.sweep {args.spec}")
+        tracker = Tracker(
+            plan.tracking_uri,
+            spec.experiment,
+            artifact_location=local_artifact_location(plan.tracking_uri, storage),
+            description=spec.description or f"bevlabels study {spec.study} ({args.spec})",
+        )
+        if sweep_run_id is not None:
+            tracker.client.update_run(sweep_run_id, status="RUNNING")
+            log.info("resuming sweep %s (MLflow run %s)", ray_path.name, sweep_run_id)
+        else:
+            sweep_run_id = start_sweep_run(
+                spec, args.spec, args.overrides, tracker, fingerprint, resolved, source
+            )
+            update_state(state_path, sweep_run_id=sweep_run_id)
+            log.info("sweep %s: MLflow run %s", ray_path.name, sweep_run_id)
+
+        context = SweepContext(
+            study=spec.study,
+            tracking_uri=plan.tracking_uri,
+            experiment=spec.experiment,
+            sweep_run_id=sweep_run_id,
+            storage_dir=str(storage),
+            dataroot=str(dataroot),
+            version=version,
+            dataset_fingerprint=fingerprint,
+            spec=spec.model_dump(mode="json"),
+            source_tags=source,
+            pretrain_shares=pretrain_shares(resolved, fingerprint),
+        )
+        start_ray(plan.address)
+        stop_like_ctrl_c()  # ray.init replaced the SIGTERM handler
         slots = trial_slots(spec, planned)
-        tracker.set_tags(sweep_run_id, {"bev.ray_address": address or "local"})
-        tuner = build_tuner(spec, context, trials, ray_path, args.resume, args.loudness)
+        tracker.set_tags(sweep_run_id, {"bev.ray_address": plan.address or "local"})
+        # Killed before Ray Tune saved its first state: the same experiment, started afresh
+        # (trials reopen their MLflow runs by tag).
+        restore = previous is not None and _can_restore(ray_path)
+        tuner = build_tuner(spec, context, trials, ray_path, restore, args.loudness)
         tuner.fit()
         outcome = SweepOutcome.read(planned, ray_path, tracker, sweep_run_id)
-        status = "FAILED" if outcome.failed else "FINISHED"
-        if outcome.unfinished:
-            status = "KILLED"
+        complete = not outcome.unfinished
+        status = "FAILED" if outcome.failed else "FINISHED" if complete else "KILLED"
+    except Exception:
+        status = "FAILED"  # a full disk, a store gone: nothing is left RUNNING
+        raise
     finally:
-        closed = tracker.close_unfinished(sweep_run_id, status="KILLED")
-        if closed:
-            log.warning("%d run(s) were still RUNNING; marked KILLED", closed)
-        segments = record_segment(state_path, process_age_s())
-        wall_s = sum(segments)
-        tracker.log_metrics(sweep_run_id, outcome.metrics(wall_s, slots), step=0)
-        tracker.log_metrics(sweep_run_id, {"sweep/segments": len(segments)}, step=0)
-        tracker.finish(sweep_run_id, status)
+        wall_s = close_sweep(state_path, tracker, sweep_run_id, status, outcome, slots, complete)
         ray.shutdown()
     log.info(
         "sweep %s: %d trials finished, %d failed, %d unfinished; %.0f s",
@@ -312,8 +312,14 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial]) -> int:
     if outcome.unfinished:
         log.warning("resume with: python -m harness.sweep %s --resume", args.spec)
         return EXIT_INTERRUPTED
-    print(console.summary_text(spec.experiment, tracking_uri, tracker.experiment_id))
+    print(console.summary_text(spec.experiment, plan.tracking_uri, tracker.experiment_id))
     return EXIT_TRIALS_FAILED if outcome.failed else EXIT_OK
+
+
+def _can_restore(ray_path: Path) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(ray_path))
 
 
 def start_ray(address: str | None) -> None:
@@ -354,18 +360,12 @@ def prepare_data(spec: Spec, storage: Path) -> tuple[Path, str]:
 def prepare_pseudo_labels(spec: Spec, dataroot: Path, version: str) -> None:
     """Pretraining's pseudo-labels: simulated ones are written once here (not by every trial);
     Mask2Former ones must have been made beforehand."""
-    from model.data.dataset import pseudo_label_command
     from model.data.pseudo_labels import ensure_synthetic
 
-    labeler, protocol = spec.data.resolved_pseudo_labels, spec.data.protocol
-    if labeler == "synthetic":
-        ensure_synthetic(dataroot, version, protocol)
-    elif not (dataroot / "pseudo_labels" / labeler / protocol).is_dir():
-        command = pseudo_label_command(dataroot, version, labeler, protocol)
-        raise SpecError(
-            f"data.pseudo_labels: no {labeler} pseudo-labels under {dataroot}; make them with: "
-            f"{command}"
-        )
+    if spec.data.resolved_pseudo_labels == "synthetic":
+        ensure_synthetic(dataroot, version, spec.data.protocol)
+    elif problem := missing_pseudo_labels(spec, dataroot, version):
+        raise SpecError(problem)
 
 
 def start_sweep_run(
@@ -414,7 +414,7 @@ def build_tuner(
     context: SweepContext,
     trials: list[Trial],
     ray_path: Path,
-    resume: bool,
+    restore: bool,
     loudness: str = console.DEFAULT,
 ):
     from ray import tune
@@ -424,9 +424,7 @@ def build_tuner(
         tune.with_parameters(run_trial, context=context),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
-    if resume:
-        if not tune.Tuner.can_restore(str(ray_path)):
-            raise SpecError(f"--resume: {ray_path} holds no Ray Tune experiment to restore")
+    if restore:
         # Finished trials are skipped, unfinished ones continue from their last checkpoint;
         # trials that failed after their retries stay failed.
         return tune.Tuner.restore(str(ray_path), trainable=trainable, resume_errored=False)

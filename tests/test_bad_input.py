@@ -26,6 +26,7 @@ import queue
 import random
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,8 @@ class Case(NamedTuple):
 
 
 P, Q = "model.data.prepare --dataroot {root}", "model.data.pseudo_labels --dataroot {root}"
+S = "harness.sweep {spec} --set data.dataroot={root} --set storage_path={study}"
+A, Y, B = "model.data.alignment --dataroot {root}", "model.data.synthetic --out", "model.bench"
 R, L = "analysis.report --experiment toy", "analysis.plan --experiment toy"
 STORE = "--tracking-uri {uri}"
 S = f"harness.sweep {Path(__file__).resolve().parents[1] / 'experiments' / 'quick.yaml'}"
@@ -199,15 +202,90 @@ CASES = [
         "{corrupt}",
         "is not a SQLite database",
     ),
-    # harness.sweep: where results go, checked before any trial starts (#17)
+    # harness.sweep: the spec file ...
+    Case("sweep-spec-missing", "harness.sweep {missing}.yaml", "{missing}.yaml", "cannot read"),
+    Case("sweep-spec-empty", "harness.sweep {empty}", "{empty}", "the spec is empty"),
+    Case("sweep-spec-binary", "harness.sweep {corrupt}", "{corrupt}", "not"),
+    Case("sweep-spec-a-list", "harness.sweep {listing}", "{listing}", "must be a mapping"),
+    Case("sweep-unknown-option", f"{S} --bogus", "--bogus", "unrecognized"),
+    Case("sweep-max-concurrent-zero", f"{S} --max-concurrent 0", "max_concurrent", ">= 1"),
+    Case("sweep-max-concurrent-text", f"{S} --max-concurrent two", "--max-concurrent", "'two'"),
+    Case("sweep-set-no-equals", f"{S} --set finetune", "--set 'finetune'", "key.path=value"),
+    # ... its values: duplicates, non-finite and absurd numbers, unknown names ...
     Case(
-        "sweep-tracking-server-unreachable",
-        f"{S} --tracking-uri http://127.0.0.1:9",
-        "http://127.0.0.1:9",
-        "cannot reach MLflow server",
+        "sweep-grid-duplicate",
+        f"{S} --set search.finetune.label_fraction=[0.5,0.5]",
+        "search.finetune.label_fraction[1]",
+        "duplicate value 0.5",
     ),
     Case(
-        "sweep-tracking-db-corrupt",
+        "sweep-epochs-1e20",
+        f"{S} --set finetune.budget.value=1e20",
+        "finetune.budget.value",
+        "valid integer",
+    ),
+    Case(
+        "sweep-epochs-huge",
+        f"{S} --set pretrain.budget.value=100000000",
+        "pretrain.budget.value",
+        "must be <= 10000000",
+    ),
+    Case("sweep-epochs-zero", f"{S} --set finetune.budget.value=0", "finetune.budget.value", ">"),
+    Case("sweep-lr-inf", f"{S} --set finetune.optim.lr=.inf", "finetune.optim.lr", "finite"),
+    Case("sweep-lr-negative", f"{S} --set pretrain.optim.lr=-1", "pretrain.optim.lr", "> 0"),
+    Case("sweep-weight-inf", f"{S} --set pretrain.w_reproj=.inf", "pretrain.w_reproj", "finite"),
+    Case("sweep-w-nan", f"{S} --set pretrain.w_temporal=.nan", "pretrain.w_temporal", "finite"),
+    Case("sweep-bev-weight-inf", f"{S} --set finetune.w_bev=.inf", "finetune.w_bev", "finite"),
+    Case("sweep-seeds-duplicate", f"{S} --set seeds=[0,0]", "seeds", "duplicate"),
+    Case("sweep-seeds-empty", f"{S} --set seeds=[]", "seeds", "at least 1"),
+    Case("sweep-methods-dup", f"{S} --set methods=[supervised,supervised]", "methods", "dupl"),
+    Case("sweep-method-unknown", f"{S} --set methods=[superviced]", "methods[0]", "did you mean"),
+    Case("sweep-key-unknown", f"{S} --set finetune.epochz=2", "finetune.epochz", "unknown key"),
+    Case("sweep-key-renamed", f"{S} --set training.lr=1", "training.lr", "renamed"),
+    Case("sweep-retries-negative", f"{S} --set retries=-1", "retries", ">= 0"),
+    Case("sweep-cpu-zero", f"{S} --set resources.cpu=0", "resources.cpu", ">"),
+    Case("sweep-fraction-1.5", f"{S} --set finetune.label_fraction=1.5", "label_fraction", "1"),
+    Case("sweep-study-name", f"{S} --set 'study=a b'", "study", "'a b' is not allowed"),
+    Case("sweep-search-axis-empty", f"{S} --set search.finetune.w_bev=[]", "search", "at least 1"),
+    # ... and what only the disk shows, checked before anything is written.
+    Case(
+        "sweep-storage-is-a-file",
+        f"{S} --set storage_path={{file}}",
+        "storage_path",
+        "{file} is a file, not a directory",
+    ),
+    Case(
+        "sweep-storage-under-a-file",
+        f"{S} --set storage_path={{file}}/study",
+        "storage_path",
+        "{file} is a file",
+    ),
+    Case(
+        "sweep-dataroot-is-a-file",
+        f"{S} --set data.dataroot={{file}}",
+        "data.dataroot",
+        "{file} is a file, not a directory",
+    ),
+    Case(
+        "sweep-dataroot-missing",
+        f"{S} --set data.dataroot={{missing}}",
+        "data.dataroot",
+        "{missing} does not exist",
+    ),
+    Case(
+        "sweep-pseudo-labels-missing",
+        f"{S} --set data.pseudo_labels=mask2former --set methods=[pretrained]",
+        "data.pseudo_labels",
+        "no mask2former pseudo-labels",
+    ),
+    Case(
+        "sweep-uri-garbage",
+        f"{S} --tracking-uri garbage://x",
+        "--tracking-uri",
+        "unsupported MLflow tracking URI 'garbage://x'",
+    ),
+    Case(
+        "sweep-db-corrupt",
         f"{S} --tracking-uri sqlite:///{{corrupt}}",
         "{corrupt}",
         "is not a SQLite database",
@@ -218,6 +296,103 @@ CASES = [
         "{file}/study/artifacts",
         "cannot be written: {file} is not a directory",
     ),
+    Case(
+        "sweep-spec-db-corrupt",
+        f"{S} --set mlflow.tracking_uri=sqlite:///{{corrupt}}",
+        "mlflow.tracking_uri",
+        "is not a SQLite database",
+    ),
+    Case(
+        "sweep-db-not-mlflow",
+        f"{S} --tracking-uri sqlite:///{{otherdb}}",
+        "{otherdb}",
+        "without MLflow tables",
+    ),
+    Case(
+        "sweep-server-unreachable",
+        f"{S} --tracking-uri http://127.0.0.1:9",
+        "--tracking-uri",
+        "cannot reach MLflow server http://127.0.0.1:9",
+    ),
+    Case(
+        "sweep-address-unreachable",
+        f"{S} --address 127.0.0.1:1",
+        "--address",
+        "cannot reach a Ray cluster at 127.0.0.1:1",
+    ),
+    Case("sweep-address-malformed", f"{S} --address nohost", "--address", "not HOST:PORT"),
+    Case(
+        "sweep-spec-address-unreachable",
+        f"{S} --set ray.address=127.0.0.1:1",
+        "ray.address",
+        "cannot reach a Ray cluster",
+    ),
+    Case("sweep-resume-nothing", f"{S} --resume", "--resume", "no sweep to resume"),
+    Case(
+        "sweep-state-truncated",
+        f"{S} --resume --set storage_path={{truncated}}",
+        "{truncated}/sweep_state.json",
+        "not valid JSON",
+    ),
+    Case(
+        "sweep-state-truncated-plain-run",
+        f"{S} --set storage_path={{truncated}}",
+        "{truncated}/sweep_state.json",
+        "not valid JSON",
+    ),
+    Case(
+        "sweep-state-empty-object",
+        f"{S} --resume --set storage_path={{emptystate}}",
+        "{emptystate}/sweep_state.json",
+        "ray_path: required key is missing",
+    ),
+    Case(
+        "sweep-state-a-list",
+        f"{S} --resume --set storage_path={{liststate}}",
+        "{liststate}/sweep_state.json",
+        "expected a JSON object",
+    ),
+    # model.data.alignment
+    Case("align-no-dataroot", "model.data.alignment", "--dataroot", "arguments are required"),
+    Case(
+        "align-dataroot-missing",
+        "model.data.alignment --dataroot {missing}",
+        "--dataroot",
+        "{missing} does not exist",
+    ),
+    Case(
+        "align-dataroot-is-a-file",
+        "model.data.alignment --dataroot {file}",
+        "--dataroot",
+        "not a directory",
+    ),
+    Case("align-version-unknown", f"{A} --version v9.9", "--version", "v9.9 does not exist"),
+    Case("align-stride-zero", f"{A} --stride 0", "--stride", ">= 1"),
+    Case("align-resolution-negative", f"{A} --resolution -1", "--resolution", "> 0"),
+    Case("align-image-size-zero", f"{A} --image-size 0 160", "--image-size", "0"),
+    Case("align-split-unknown", f"{A} --split nope", "--split", "'nope'"),
+    Case("align-protocol-unknown", f"{A} --protocol hdmap", "--protocol", "'hdmap'"),
+    Case("align-cache-dir-is-a-file", f"{A} --cache-dir {{file}}", "--cache-dir", "{file}"),
+    # model.data.synthetic
+    Case("synthetic-no-out", "model.data.synthetic", "--out", "arguments are required"),
+    Case("synthetic-out-is-a-file", f"{Y} {{file}}", "--out", "{file}"),
+    Case("synthetic-out-not-empty", f"{Y} {{root}}", "--out", "--overwrite"),
+    Case("synthetic-scenes-zero", f"{Y} {{missing}} --scenes 0", "--scenes", ">= "),
+    Case("synthetic-samples-negative", f"{Y} {{missing}} --samples-per-scene -1", "--samples", ">"),
+    Case("synthetic-size-90", f"{Y} {{missing}} --image-size 90", "--image-size", "x"),
+    Case("synthetic-image-size-zero", f"{Y} {{missing}} --image-size 0x160", "--image-size", "0"),
+    Case("synthetic-seed-text", f"{Y} {{missing}} --seed zero", "--seed", "'zero'"),
+    # model.bench
+    Case("bench-preset-unknown", f"{B} --preset huge", "--preset", "'huge'"),
+    Case("bench-device-unknown", f"{B} --device tpu", "--device", "'tpu'"),
+    Case("bench-batch-zero", f"{B} --batch 0", "--batch", ">= 1"),
+    Case("bench-steps-zero", f"{B} --steps 0", "--steps", ">= 1"),
+    Case("bench-repeats-zero", f"{B} --compare --repeats 0", "--repeats", ">= 1"),
+    Case("bench-threads-zero", f"{B} --threads 0", "--threads", ">= 1"),
+    Case("bench-classes-one", f"{B} --num-classes 1", "--num-classes", ">= 2"),
+    Case("bench-resolution-zero", f"{B} --label-resolution 0", "--label-resolution", "> 0"),
+    Case("bench-attention-unknown", f"{B} --attention-impl nope", "--attention-impl", "'nope'"),
+    Case("bench-warmup-negative", f"{B} --warmup -1", "--warmup", ">= 0"),
 ]
 
 
@@ -240,10 +415,34 @@ def make_study(folder: Path, dataroot: Path) -> None:
     (folder / "corrupt.db").write_bytes(random.Random(0).randbytes(8192))
     (folder / "empty.db").write_bytes(b"")
     build_store(folder / "store")
+    (folder / "sweep.yaml").write_text(SWEEP_SPEC)
+    (folder / "list.yaml").write_text("- a\n- b\n")
+    with sqlite3.connect(folder / "other.db") as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    for name, text in STATES.items():
+        (folder / name).mkdir()
+        (folder / name / "sweep_state.json").write_text(text)
+    (folder / "study").mkdir()
+
+
+# A study of the synthetic dataroot; the cases point it at the folder's copies with --set.
+SWEEP_SPEC = """\
+study: toy_sweep
+model: {preset: nano}
+pretrain: {budget: {value: 1}}
+finetune: {budget: {value: 1}}
+search: {finetune.label_fraction: [0.5, 1.0]}
+"""
+STATES = {"truncated": '{"ray_path": "/x", "tracki', "emptystate": "{}", "liststate": "[]"}
 
 
 def placeholders(folder: Path) -> dict[str, str]:
     return {
+        "spec": str(folder / "sweep.yaml"),
+        "study": str(folder / "study"),
+        "listing": str(folder / "list.yaml"),
+        "otherdb": str(folder / "other.db"),
+        **{name: str(folder / name) for name in STATES},
         "root": str(folder / "dataroot"),
         "plain": str(folder / "plain"),
         "file": str(folder / "notes.txt"),

@@ -1,0 +1,159 @@
+"""What a sweep checks before it takes the study lock or writes anything.
+
+`plan_sweep` reads the study folder's state file, resolves the MLflow store and the Ray address,
+and refuses with a one-line `SpecError` (exit 2) what would otherwise fail later with a
+traceback, minutes of retries or a half-written study folder: a dataroot or `storage_path` that
+is a file, a state file that is truncated or incomplete, a plain rerun of an interrupted sweep,
+a store that is not an MLflow store, a tracking server or Ray cluster that does not answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from harness.driver import STATE_FILE, load_state
+from harness.spec import Spec, SpecError
+from harness.tracking import resolve_ray_address, resolve_tracking_uri, sqlite_uri
+
+CONNECT_TIMEOUT_S = 3.0
+DONE = "finished"  # the state file's `status` once Tune ran every trial to its end
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    previous: dict | None  # the state of the sweep `--resume` continues; None: a new sweep
+    tracking_uri: str
+    address: str | None  # None: a local Ray
+
+    @property
+    def finished(self) -> bool:
+        return self.previous is not None and self.previous.get("status") == DONE
+
+
+def plan_sweep(spec: Spec, spec_path: Path, resume: bool, uri_flag: str | None,
+               address_flag: str | None) -> SweepPlan:  # fmt: skip
+    storage = spec.storage_dir()
+    if spec.data.dataroot:
+        check_dir(Path(spec.data.dataroot).expanduser(), f"{spec_path}: data.dataroot")
+    check_dir(storage, f"{spec_path}: storage_path", create=True)
+    if spec.data.dataroot and "pretrained" in spec.methods:
+        dataroot = Path(spec.data.dataroot).expanduser().resolve()
+        if problem := missing_pseudo_labels(spec, dataroot, spec.data.resolved_version):
+            raise SpecError(f"{spec_path}: {problem}")
+    state_path = storage / STATE_FILE
+    state = load_state(state_path)
+    if resume and state is None:
+        raise SpecError(f"{spec_path}: --resume: no sweep to resume ({state_path} not found)")
+    previous = state if resume else None
+    # A resumed sweep goes on writing where it started, unless told otherwise.
+    default_uri = previous["tracking_uri"] if previous else sqlite_uri(storage / "mlflow.db")
+    uri = resolve_tracking_uri(uri_flag, spec.mlflow.tracking_uri, default_uri)
+    where = "--tracking-uri" if uri_flag else f"{spec_path}: mlflow.tracking_uri"
+    check_store(uri, where)
+    address = resolve_ray_address(address_flag, spec.ray.address)
+    if address_flag:
+        where = "--address"
+    elif os.environ.get("RAY_ADDRESS"):
+        where = "$RAY_ADDRESS"
+    else:
+        where = f"{spec_path}: ray.address"
+    check_address(address, where)
+    return SweepPlan(previous, uri, address)
+
+
+def refuse_interrupted(spec: Spec) -> None:
+    """A new sweep of a study whose last sweep was interrupted is refused: `--resume` is the
+    one way on (a second parent run would split the study). Call it holding the study lock:
+    a `running` state is then one whose process is gone."""
+    state_path = spec.storage_dir() / STATE_FILE
+    state = load_state(state_path)
+    if state is not None and state.get("status") == "running":
+        raise SpecError(
+            f"{state_path}: status: the sweep that started at {state.get('started', '?')} was "
+            "interrupted; continue it with --resume (or remove this file to start a new sweep)"
+        )
+
+
+def missing_pseudo_labels(spec: Spec, dataroot: Path, version: str) -> str | None:
+    """What is wrong with pretraining's pseudo-labels (None: nothing). Simulated ones are
+    written by the sweep; Mask2Former ones must have been made beforehand."""
+    labeler, protocol = spec.data.resolved_pseudo_labels, spec.data.protocol
+    if labeler == "synthetic" or (dataroot / "pseudo_labels" / labeler / protocol).is_dir():
+        return None
+    from model.data.dataset import pseudo_label_command
+
+    command = pseudo_label_command(dataroot, version, labeler, protocol)
+    where = f"data.pseudo_labels: no {labeler} pseudo-labels under {dataroot}"
+    return f"{where}; make them with: {command}"
+
+
+def check_dir(path: Path, where: str, create: bool = False) -> None:
+    """`path` is a directory (or, with `create`, can be made one: its nearest existing
+    ancestor is a directory)."""
+    for existing in (path, *path.parents) if create else (path,):
+        if existing.exists():
+            if not existing.is_dir():
+                raise SpecError(f"{where}: {existing} is a file, not a directory")
+            return
+        if not create:
+            raise SpecError(f"{where}: directory {path} does not exist")
+
+
+def check_store(uri: str, where: str) -> None:
+    """The MLflow store at `uri` can be used: a SQLite file is an MLflow store (or empty), a
+    server answers, the scheme is one MLflow knows."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if path is not None and path.is_file() and path.stat().st_size:
+            try:
+                with contextlib.closing(
+                    sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+                ) as db:
+                    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            except sqlite3.DatabaseError as exc:
+                raise SpecError(f"{where}: {path} is not a SQLite database ({exc})") from None
+            if "experiments" not in tables:
+                raise SpecError(f"{where}: {path} is a SQLite database without MLflow tables")
+        return
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        _connect(parsed.hostname or "", port, f"{where}: cannot reach MLflow server {uri}")
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri)
+    except MlflowException:
+        raise SpecError(
+            f"{where}: unsupported MLflow tracking URI {uri!r}: use sqlite:///PATH, "
+            "http(s)://HOST:PORT or a database URL"
+        ) from None
+
+
+def check_address(address: str | None, where: str) -> None:
+    """A cluster address given as HOST:PORT (or ray://HOST:PORT) answers within seconds."""
+    if address in (None, "", "auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise SpecError(f"{where}: Ray address {address!r} is not HOST:PORT (or 'auto')")
+    _connect(host, port, f"{where}: cannot reach a Ray cluster at {address}")
+
+
+def _connect(host: str, port: int, problem: str) -> None:
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise SpecError(f"{problem}: {exc.strerror or exc}") from None

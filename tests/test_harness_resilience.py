@@ -1,0 +1,288 @@
+"""A sweep survives what happens to real processes: a second sweep of the same study, SIGTERM,
+kill -9 at any point, a resume of a finished sweep, a cluster address that does not answer.
+
+Every test drives `python -m harness.sweep` as a subprocess on a tiny synthetic study and
+decides when to kill by watching the state file and MLflow, never by sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_harness_sweep import (
+    SWEEP_TIMEOUT_S,
+    Sweep,
+    _kill_group,
+    assert_ok,
+    run_sweep,
+    sweep_env,
+    write_study,
+)
+
+TINY = dict(
+    search={"finetune.label_fraction": [1.0]},
+    finetune={"budget": {"value": 2}},
+    max_concurrent=1,
+    mlflow={"system_metrics": False},
+)
+
+
+def start(sweep: Sweep, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.sweep", str(sweep.spec_path), *args],
+        cwd=sweep.spec_path.parent,
+        env=sweep_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: Ray's helpers die with it
+    )
+
+
+def wait_until(proc: subprocess.Popen, condition, what: str) -> None:
+    deadline = time.monotonic() + SWEEP_TIMEOUT_S
+    while not condition():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the sweep ended (exit {proc.returncode}) before {what}:\n{err[-4000:]}")
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.05)
+
+
+def state(sweep: Sweep) -> dict:
+    try:
+        return json.loads((sweep.storage / "sweep_state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def runs(sweep: Sweep, role: str | None = None) -> list[tuple[str, str]]:
+    """(run_uuid, status) of the study's runs with `role` (all roles: None), from SQLite."""
+    db = sweep.storage / "mlflow.db"
+    if not db.exists():
+        return []
+    query = "SELECT r.run_uuid, r.status FROM runs r"
+    if role:
+        query += " JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'bev.role' AND t.value = ?"
+    try:
+        with sqlite3.connect(db, timeout=1) as con:
+            return con.execute(query, (role,) if role else ()).fetchall()
+    except sqlite3.Error:
+        return []
+
+
+def error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_a_second_sweep_of_a_running_study_exits_2_naming_the_running_one(tmp_path):
+    sweep = write_study(tmp_path, "locked", **TINY)
+    first = start(sweep)
+    try:
+        wait_until(first, lambda: state(sweep), "the first sweep's state")
+        second = run_sweep(sweep)
+        assert second.returncode == 2, second.stderr
+        line = error_line(second)
+        assert f"in use by pid {first.pid}" in line and "storage_path" in line, line
+        assert "Traceback" not in second.stderr
+    finally:
+        _kill_group(first)
+        first.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_then_resume_finishes_and_a_finished_sweep_stays_finished(
+    tmp_path,
+):
+    sweep = write_study(tmp_path, "terminated", **TINY)
+    proc = start(sweep)
+    try:
+        wait_until(proc, lambda: runs(sweep, "trial"), "a trial run")
+        # To the driver, as a job scheduler or `kill` sends it (to the whole group it would
+        # also stop Ray's own GCS and raylet, which the driver then cannot reach).
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 130, err[-4000:]
+    assert "--resume" in err
+    assert {s for _, s in runs(sweep)} <= {"FINISHED", "KILLED"}
+
+    assert_ok(run_sweep(sweep, "--resume"))
+    ((parent, status),) = runs(sweep, "sweep")
+    assert status == "FINISHED"
+    assert {s for _, s in runs(sweep)} == {"FINISHED"}
+
+    again = run_sweep(sweep, "--resume")
+    assert_ok(again)
+    assert "already finished" in again.stdout
+    assert runs(sweep, "sweep") == [(parent, "FINISHED")]
+
+
+# --- kill -9 at four points, then --resume ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, float]:
+    """Final val mIoU per trial id of the study run without interruption."""
+    sweep = write_study(tmp_path_factory.mktemp("reference"), "killed", **TINY)
+    assert_ok(run_sweep(sweep))
+    return final_miou(sweep)
+
+
+def final_miou(sweep: Sweep) -> dict[str, float]:
+    return {r.data.tags["bev.trial_id"]: r.data.metrics["val/mIoU"] for r in sweep.runs("trial")}
+
+
+def _ray_saved(sweep: Sweep) -> bool:
+    path = state(sweep).get("ray_path")
+    return bool(path) and any(Path(path).glob("experiment_state*.json"))
+
+
+def _in_pretraining(sweep: Sweep) -> bool:
+    return any(s == "RUNNING" for _, s in runs(sweep, "pretrain"))
+
+
+def _in_finetuning(sweep: Sweep) -> bool:
+    db = sweep.storage / "mlflow.db"
+    try:
+        with sqlite3.connect(db, timeout=1) as con:
+            return bool(
+                con.execute(
+                    """SELECT 1 FROM runs r JOIN metrics m ON m.run_uuid = r.run_uuid
+                       WHERE r.status = 'RUNNING' AND m.key = 'val/mIoU'"""
+                ).fetchall()
+            )
+    except sqlite3.Error:
+        return False
+
+
+KILL_POINTS = {
+    # The state exists, the parent MLflow run does not yet: the dataset is being generated.
+    "dataset-generation": lambda s: state(s) and not state(s).get("sweep_run_id"),
+    # The parent run exists, Ray Tune has not saved its experiment state yet.
+    "before-ray-tune-state": lambda s: state(s).get("sweep_run_id") and not _ray_saved(s),
+    "mid-pretraining": _in_pretraining,
+    "mid-finetuning": _in_finetuning,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # three sweeps on a loaded 2-core machine took over 15 minutes
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_9_at_any_point_then_resume_loses_reruns_and_duplicates_nothing(
+    tmp_path, uninterrupted, point
+):
+    sweep = write_study(tmp_path, "killed", **TINY)
+    proc = start(sweep)
+    try:
+        wait_until(proc, lambda: KILL_POINTS[point](sweep), point)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        _kill_group(proc)
+    finished_before = {run for run, s in runs(sweep, "trial") if s == "FINISHED"}
+
+    assert_ok(run_sweep(sweep, "--resume"))
+
+    (parent,) = sweep.runs("sweep")
+    assert parent.info.status == "FINISHED"
+    trials = sweep.runs("trial")
+    assert len(trials) == len({r.data.tags["bev.trial_id"] for r in trials}) == 2
+    assert {s for _, s in runs(sweep)} == {"FINISHED"}  # nothing RUNNING or KILLED
+    assert len(sweep.runs("pretrain")) == 1
+    for run in trials:  # every epoch logged once per step; finished ones not rerun
+        steps = [m.step for m in sweep.history(run.info.run_id, "val/mIoU")]
+        assert sorted(set(steps)) == [1, 2]
+        if run.info.run_id in finished_before:
+            assert steps == [1, 2], "a finished trial ran again"
+    assert final_miou(sweep) == pytest.approx(uninterrupted, abs=1e-6)
+    # Honest clocks: the wall is the sum of both processes' segments.
+    segments = state(sweep)["segments_s"]
+    assert len(segments) == 2 and parent.data.metrics["sweep/segments"] == 2
+    assert parent.data.metrics["sweep/wall_s"] == pytest.approx(sum(segments), abs=2.0)
+    assert 0 < parent.data.metrics["sweep/overhead_share"] < 1
+
+
+def test_an_address_that_does_not_answer_fails_in_seconds_before_any_mlflow_run(tmp_path):
+    sweep = write_study(tmp_path, "nowhere", **TINY)
+    started = time.monotonic()
+    proc = run_sweep(sweep, "--address", "127.0.0.1:1")
+    assert time.monotonic() - started < 30  # Python and the spec load included
+    assert proc.returncode == 2, proc.stderr
+    line = error_line(proc)
+    assert "--address" in line and "127.0.0.1:1" in line, line
+    assert not sweep.storage.exists()  # no MLflow store, no state, no lock
+
+
+# --- loopback only -------------------------------------------------------------------------------
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the command: state, ppid, pgrp, ...
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _listening(pids: list[int]) -> list[tuple[int, str, int]]:
+    """(pid, local address, port) of every TCP socket in LISTEN held by `pids`."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes[target[8:-1]] = pid
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            cols = row.split()
+            if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
+                continue
+            addr_hex, port_hex = cols[1].split(":")
+            raw = bytes.fromhex(addr_hex)
+            # /proc prints each 32-bit word in host (little-endian) order.
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(words)
+            found.append((inodes[cols[9]], str(ip), int(port_hex, 16)))
+    return found
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+@pytest.mark.slow
+def test_a_local_sweep_listens_on_loopback_only(tmp_path):
+    sweep = write_study(tmp_path, "loopback", **TINY)
+    proc = start(sweep)
+    try:
+        wait_until(proc, lambda: runs(sweep, "trial"), "a trial run")
+        sockets = _listening(_group_pids(proc.pid))
+    finally:
+        _kill_group(proc)
+        proc.wait(timeout=60)
+    assert sockets, "found no listening socket of the sweep's processes"
+    exposed = [s for s in sockets if not _loopback(s[1])]
+    assert not exposed, f"listening beyond loopback (pid, address, port): {exposed}"
