@@ -42,6 +42,7 @@ class SweepContext:
     dataset_fingerprint: str
     spec: dict  # the validated spec, as JSON
     pretrain_shares: dict[str, int] = field(default_factory=dict)  # pretrain key -> trials
+    wsd_trunks: dict[str, list[int]] = field(default_factory=dict)  # trunk key -> its lengths
     source_tags: dict[str, str] = field(default_factory=dict)  # mlflow.source.* of the code
 
 
@@ -49,10 +50,24 @@ class SweepContext:
 class Pretraining:
     key: str
     checkpoint: Path
-    wall_s: float
+    wall_s: float  # whole: a WSD length counts its trunk up to its decay start, plus its branch
     gpu_s: float
     run_id: str
     built_here: bool
+    # The clocks with work shared with other pretrainings (a WSD trunk) divided among them.
+    shared_wall_s: float
+    shared_gpu_s: float
+
+
+@dataclass(frozen=True)
+class TrunkState:
+    """A WSD trunk at one length's decay start, and what it cost to get there."""
+
+    checkpoint: Path
+    wall_s: float  # the whole trunk up to here
+    gpu_s: float
+    shared_wall_s: float  # each segment divided among the lengths that branch off after it
+    shared_gpu_s: float
 
 
 def run_trial(config: dict, context: SweepContext) -> None:
@@ -168,15 +183,18 @@ def ensure_pretraining(
     """The checkpoint of this trial's pretraining, computed once per key across all trials.
 
     The computing trial logs it as its own MLflow run (`bev.role=pretrain`); the others wait on
-    the cache lock and reuse it.
+    the cache lock and reuse it. A WSD pretraining is its trunk's state at its decay start
+    (`ensure_trunk`) plus its own decay branch, cached under its own key all the same.
     """
     from model import train as core
 
     key = resolved.pretrain_key(context.dataset_fingerprint)
     seed = resolved.trial.seed
     params = pretrain_params(resolved)
+    trunk_key = resolved.trunk_key(context.dataset_fingerprint)
 
     def build(work: Path) -> dict:
+        trunk = ensure_trunk(resolved, context, tracker) if trunk_key else None
         run_id, created = tracker.open_run(
             {ROLE: "pretrain", PRETRAIN_KEY: key},
             run_name=f"pretrain-s{seed}-{key[:8]}",
@@ -184,13 +202,14 @@ def ensure_pretraining(
                 PARENT: context.sweep_run_id,
                 "bev.seed": str(seed),
                 names.STUDY: context.study,
+                names.TRUNK_KEY: trunk_key,
                 **context.source_tags,
             },
         )
         tracker.log_params(run_id, params)
 
         def on_epoch(report) -> None:
-            tracker.log_metrics(run_id, pretrain_metrics(report), step=report.epoch)
+            tracker.log_metrics(run_id, pretrain_metrics(report, trunk), step=report.epoch)
 
         spec = resolved.spec
         monitor = (
@@ -208,6 +227,7 @@ def ensure_pretraining(
                     seed=seed,
                     runtime=core_runtime(resolved),
                     on_epoch=on_epoch,
+                    init_from=trunk.checkpoint if trunk else None,
                 )
         except Exception as exc:
             tracker.finish(run_id, "FAILED", error=error_text(exc))
@@ -215,10 +235,13 @@ def ensure_pretraining(
         # The run's last logged clock includes epochs logged before a crash and resume.
         logged = tracker.client.get_run(run_id).data.metrics
         tracker.finish(run_id, "FINISHED")
+        wall_s, gpu_s = logged.get(names.CUM_WALL_S, 0.0), logged.get(names.CUM_GPU_S, 0.0)
         return {
             "checkpoint": str(Path(checkpoint).resolve().relative_to(work.resolve())),
-            "wall_s": logged.get(names.CUM_WALL_S, 0.0),
-            "gpu_s": logged.get(names.CUM_GPU_S, 0.0),
+            "wall_s": wall_s,
+            "gpu_s": gpu_s,
+            "shared_wall_s": logged.get(names.CUM_WALL_S + names.AMORTISED, wall_s),
+            "shared_gpu_s": logged.get(names.CUM_GPU_S + names.AMORTISED, gpu_s),
             "run_id": run_id,
             "seed": seed,
             "params": params,
@@ -237,7 +260,94 @@ def ensure_pretraining(
         gpu_s=float(entry.meta["gpu_s"]),
         run_id=entry.meta["run_id"],
         built_here=entry.built_here,
+        shared_wall_s=float(entry.meta.get("shared_wall_s", entry.meta["wall_s"])),
+        shared_gpu_s=float(entry.meta.get("shared_gpu_s", entry.meta["gpu_s"])),
     )
+
+
+def ensure_trunk(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker) -> TrunkState:
+    """The WSD trunk of this trial's pretraining, at the decay start of its length.
+
+    The trunk is cut into segments at the decay starts of the sweep's lengths (shortest
+    first); segment j runs from the state at the previous decay start to the j-th, as length j
+    does, and is a cache entry of its own (`trunk-<trunk key>-<step>`), computed once across
+    trials and resumed from its work folder after a kill. Its state depends on the trunk key
+    and the step only (the prefix of a WSD schedule does not depend on the length). All
+    segments log into one MLflow run (`bev.role=pretrain_trunk`).
+    """
+    from model import train as core
+
+    fingerprint = context.dataset_fingerprint
+    trunk_key = resolved.trunk_key(fingerprint)
+    pre, seed = resolved.pretrain, resolved.trial.seed
+    mine = pre.budget.value
+    data, model = core_data(resolved, context), resolved.spec.model.build()
+
+    def at_length(value: int):
+        return pre.model_copy(update={"budget": pre.budget.model_copy(update={"value": value})})
+
+    lengths = sorted({*context.wsd_trunks.get(trunk_key, []), mine})
+    stops = {n: pre.optim.decay_start(core.planned_steps(data, at_length(n))) for n in lengths}
+    runtime = core_runtime(resolved)
+    params = {k: v for k, v in pretrain_params(resolved).items() if k != names.PRETRAIN_EPOCHS}
+    previous: cache.CacheEntry | None = None
+    whole, shared = [0.0, 0.0], [0.0, 0.0]
+    for length in (n for n in lengths if n <= mine):
+        stop, start_dir = stops[length], previous
+
+        def build(work: Path, length=length, stop=stop, start_dir=start_dir) -> dict:
+            run_id, created = tracker.open_run(
+                {ROLE: names.TRUNK, names.TRUNK_KEY: trunk_key},
+                run_name=f"trunk-s{seed}-{trunk_key[:8]}",
+                tags={PARENT: context.sweep_run_id, "bev.seed": str(seed),
+                      names.STUDY: context.study, **context.source_tags},
+            )  # fmt: skip
+            tracker.log_params(run_id, params)
+            offset = (0.0, 0.0) if start_dir is None else _trunk_clocks(start_dir)
+
+            def on_epoch(report) -> None:
+                metrics = pretrain_metrics(report)
+                metrics[names.CUM_WALL_S] += offset[0]
+                metrics[names.CUM_GPU_S] += offset[1]
+                tracker.log_metrics(run_id, metrics, step=report.epoch)
+
+            try:
+                checkpoint = core.pretrain(
+                    data, model, at_length(length), out_dir=work / "train", seed=seed,
+                    runtime=runtime, on_epoch=on_epoch, stop_step=stop,
+                    init_from=None if start_dir is None else _checkpoint(start_dir),
+                )  # fmt: skip
+            except Exception as exc:
+                tracker.finish(run_id, "FAILED", error=error_text(exc))
+                raise
+            logged = tracker.client.get_run(run_id).data.metrics
+            tracker.finish(run_id, "FINISHED")
+            return {
+                "checkpoint": str(Path(checkpoint).resolve().relative_to(work.resolve())),
+                "step": stop,
+                "trunk_wall_s": logged.get(names.CUM_WALL_S, offset[0]),
+                "trunk_gpu_s": logged.get(names.CUM_GPU_S, offset[1]),
+                "run_id": run_id,
+            }
+
+        entry = cache.compute_once(
+            Path(context.storage_dir) / "pretrain", f"trunk-{trunk_key}-{stop}", build
+        )
+        users = sum(1 for n in lengths if stops[n] >= stop)  # lengths branching off after it
+        before = (0.0, 0.0) if previous is None else _trunk_clocks(previous)
+        for i, total in enumerate(_trunk_clocks(entry)):
+            whole[i] = total
+            shared[i] += (total - before[i]) / users
+        previous = entry
+    return TrunkState(_checkpoint(previous), *whole, *shared)
+
+
+def _trunk_clocks(entry: cache.CacheEntry) -> tuple[float, float]:
+    return float(entry.meta["trunk_wall_s"]), float(entry.meta["trunk_gpu_s"])
+
+
+def _checkpoint(entry: cache.CacheEntry) -> Path:
+    return entry.path / entry.meta["checkpoint"]
 
 
 # --- the core's arguments ----------------------------------------------------------------------
@@ -352,6 +462,8 @@ def epoch_metrics(report, pre: Pretraining | None, shares: int) -> dict[str, flo
     wall, gpu = float(report.cum_wall_s), float(report.cum_gpu_s)
     pre_wall = pre.wall_s if pre else 0.0
     pre_gpu = pre.gpu_s if pre else 0.0
+    shared_wall = (pre.shared_wall_s if pre else 0.0) / max(1, shares)
+    shared_gpu = (pre.shared_gpu_s if pre else 0.0) / max(1, shares)
     return {
         **report.losses,
         **report.val,
@@ -359,8 +471,8 @@ def epoch_metrics(report, pre: Pretraining | None, shares: int) -> dict[str, flo
         names.CUM_GPU_S: gpu,
         names.CUM_WALL_S + names.INCL_PRETRAIN: wall + pre_wall,
         names.CUM_GPU_S + names.INCL_PRETRAIN: gpu + pre_gpu,
-        names.CUM_WALL_S + names.AMORTISED: wall + pre_wall / max(1, shares),
-        names.CUM_GPU_S + names.AMORTISED: gpu + pre_gpu / max(1, shares),
+        names.CUM_WALL_S + names.AMORTISED: wall + shared_wall,
+        names.CUM_GPU_S + names.AMORTISED: gpu + shared_gpu,
         names.LABELLED_SAMPLES: report.labelled_samples,
         names.VAL_WALL_S: float(report.val_wall_s),  # this epoch's validation
         names.STEPS: float(report.steps),
@@ -368,13 +480,20 @@ def epoch_metrics(report, pre: Pretraining | None, shares: int) -> dict[str, flo
     }
 
 
-def pretrain_metrics(report) -> dict[str, float]:
+def pretrain_metrics(report, trunk: TrunkState | None = None) -> dict[str, float]:
+    """A pretraining EpochReport -> its run's metrics. A WSD branch's clocks add its trunk:
+    whole (`time/cum_wall_s`) and divided among the lengths sharing it (`..._amortised`)."""
+    wall, gpu = float(report.cum_wall_s), float(report.cum_gpu_s)
+    metrics = {**report.losses, **report.val, names.VAL_WALL_S: float(report.val_wall_s)}
+    if trunk is None:
+        return {**metrics, names.CUM_WALL_S: wall, names.CUM_GPU_S: gpu}
     return {
-        **report.losses,
-        **report.val,
-        names.CUM_WALL_S: float(report.cum_wall_s),
-        names.CUM_GPU_S: float(report.cum_gpu_s),
-        names.VAL_WALL_S: float(report.val_wall_s),
+        **metrics,
+        names.CUM_WALL_S: wall + trunk.wall_s,
+        names.CUM_GPU_S: gpu + trunk.gpu_s,
+        names.CUM_WALL_S + names.AMORTISED: wall + trunk.shared_wall_s,
+        names.CUM_GPU_S + names.AMORTISED: gpu + trunk.shared_gpu_s,
+        "time/branch_wall_s": wall,
     }
 
 
