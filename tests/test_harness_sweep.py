@@ -109,6 +109,18 @@ def run_sweep(sweep: Sweep, *args: str, env: dict | None = None) -> subprocess.C
     return proc
 
 
+def start_sweep(sweep: Sweep, cwd: Path) -> subprocess.Popen:
+    """The sweep in the background, in its own process group (for a test to SIGKILL it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.sweep", str(sweep.spec_path)],
+        cwd=cwd,
+        env=sweep_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def assert_ok(proc: subprocess.CompletedProcess, code: int = 0) -> None:
     assert proc.returncode == code, (
         f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
@@ -323,14 +335,7 @@ def test_a_sweep_killed_with_sigkill_resumes_without_rerunning_finished_trials(t
         mlflow={"system_metrics": False},
     )
     db = sweep.storage / "mlflow.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.sweep", str(sweep.spec_path)],
-        cwd=tmp_path,
-        env=sweep_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_sweep(sweep, tmp_path)
     try:
         deadline = time.monotonic() + SWEEP_TIMEOUT_S
         # Kill once one trial has finished and the next has checkpointed an epoch.
@@ -632,14 +637,7 @@ def test_three_wsd_lengths_run_one_trunk_and_three_branches_and_resume_after_sig
         mlflow={"system_metrics": False, "log_images": False, "log_checkpoint": False},
     )
     db = sweep.storage / "mlflow.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.sweep", str(sweep.spec_path)],
-        cwd=tmp_path,
-        env=sweep_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_sweep(sweep, tmp_path)
     try:
         deadline = time.monotonic() + SWEEP_TIMEOUT_S
         # Kill inside the trunk's second segment, once the shortest length's branch is done.
