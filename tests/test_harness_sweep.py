@@ -624,25 +624,27 @@ def test_three_wsd_lengths_run_one_trunk_and_three_branches_and_resume_after_sig
     sweep = write_study(
         tmp_path,
         "lengths",
-        # Decay starts at steps 3, 12 and 18: the trunk's segments are 3, 9 and 6 steps long.
+        # Decay starts at steps 3, 18 and 24: the trunk's segments are 3, 15 and 6 steps long.
         pretrain={
             "budget": {"unit": "steps", "value": 4, "every": 3},
             "optim": {"schedule": "wsd", "decay_fraction": 0.25, "warmup_iters": 0},
             "val_every": None,
         },
-        finetune={"budget": {"value": 1}},
-        search={"finetune.label_fraction": [1.0], "pretrain.budget.value": [4, 16, 24]},
+        finetune={"budget": {"value": 3}},
+        search={"finetune.label_fraction": [1.0], "pretrain.budget.value": [4, 24, 32]},
         methods=["pretrained"],
-        max_concurrent=1,
+        max_concurrent=2,
         mlflow={"system_metrics": False, "log_images": False, "log_checkpoint": False},
     )
     db = sweep.storage / "mlflow.db"
     proc = start_sweep(sweep, tmp_path)
     try:
         deadline = time.monotonic() + SWEEP_TIMEOUT_S
-        # Kill inside the trunk's second segment, once the shortest length's branch is done.
+        # Kill inside the trunk's second segment, once the shortest length's branch is done
+        # and while its trial still fine-tunes: the resumed trial must find the branch cached.
         while not ("FINISHED" in _statuses(db, "pretrain") and
-                   _statuses(db, "pretrain_trunk") == ["RUNNING"]):  # fmt: skip
+                   _statuses(db, "pretrain_trunk") == ["RUNNING"] and
+                   "FINISHED" not in _statuses(db, "trial")):  # fmt: skip
             assert proc.poll() is None, "the sweep ended before it could be killed"
             assert time.monotonic() < deadline, "no progress to interrupt"
             time.sleep(0.2)
@@ -659,7 +661,7 @@ def test_three_wsd_lengths_run_one_trunk_and_three_branches_and_resume_after_sig
     (trunk,) = sweep.runs("pretrain_trunk")
     branches = sweep.runs("pretrain")
     assert trunk.info.status == "FINISHED" and len(branches) == 3
-    assert {r.data.params["pretrain.budget.value"] for r in branches} == {"4", "16", "24"}
+    assert {r.data.params["pretrain.budget.value"] for r in branches} == {"4", "24", "32"}
     assert {r.data.tags["bev.trunk_key"] for r in branches} == {trunk.data.tags["bev.trunk_key"]}
     for run in branches:
         history = sweep.history(run.info.run_id, "time/branch_wall_s")
