@@ -416,6 +416,44 @@ def plot_pareto(
     return fig
 
 
+def plot_miou_vs_pretrain_length(
+    trials: pd.DataFrame, confidence: float = CONFIDENCE, metric: str = "val_mIoU"
+) -> Figure:
+    """Final mIoU against pretraining length (``pretrain.budget.value``), one line per label
+    fraction: mean over seeds with a Student-t band; dashed, the supervised mean at that
+    fraction. (mIoU against total training time per length is the Pareto figure.)"""
+    pretrained = trials[trials["method"] == "pretrained"]
+    rows = []
+    for (fraction, length), cell in pretrained.groupby(["label_fraction", "pretrain_epochs"]):
+        mean, low, high = t_interval(cell[metric], confidence)
+        rows.append({"fraction": fraction, "length": length, "mean": mean, "low": low,
+                     "high": high})  # fmt: skip
+    summary = pd.DataFrame(rows)
+    palette = sns.color_palette("viridis", n_colors=max(1, summary["fraction"].nunique()))
+    with figure_style():
+        fig, ax = plt.subplots(figsize=(5.0, 3.6), layout="constrained")
+        for color, (fraction, cell) in zip(palette, summary.groupby("fraction"), strict=True):
+            cell = cell.sort_values("length")
+            ax.plot(cell["length"], cell["mean"], color=color, marker="o", ms=4, lw=1.6,
+                    label=f"pretrained, {_percent(fraction)} labels")  # fmt: skip
+            _band(ax, cell["length"], cell["low"], cell["high"], color)
+            supervised = trials[(trials["method"] == "supervised")
+                                & np.isclose(trials["label_fraction"], fraction)]  # fmt: skip
+            if not supervised.empty:
+                ax.axhline(supervised[metric].mean(), color=color, ls="--", lw=1.0)
+        lengths = sorted(summary["length"].unique())
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(lengths))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("pretraining length (pretrain.budget.value, log scale)")
+        ax.set_ylabel("val mIoU (final epoch)")
+        ax.legend(title=f"mean, {confidence:.0%} t-interval; dashed: supervised",
+                  loc="lower right", fontsize="small", title_fontsize="small")  # fmt: skip
+        _partial_note(fig, trials)
+    return fig
+
+
 def save_figure(fig: Figure, out_dir: Path, name: str) -> dict[str, Path]:
     """Write `name`.png (200 dpi) and `name`.svg under `out_dir`; closes the figure."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,13 @@ from model.cli import OneLineParser, int_at_least
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
-FIGURES = ("miou_vs_fraction", "miou_vs_time", "class_iou_heatmap", "pareto")
+FIGURES = ("miou_vs_fraction", "miou_vs_pretrain_length", "miou_vs_time", "class_iou_heatmap",
+           "pareto")  # fmt: skip
+OPTIONAL_FIGURES = ("miou_vs_pretrain_length",)  # drawn for studies of several lengths only
 FIGURE_CAPTIONS = {
+    "miou_vs_pretrain_length": "Final validation mIoU against pretraining length, per label "
+    "fraction: mean over seeds with a two-sided {confidence:.0%} Student-t band; dashed: the "
+    "supervised mean at that fraction. mIoU against total training time per length: Pareto.",
     "miou_vs_fraction": "Final validation mIoU against BEV label fraction (log scale): mean over "
     "seeds with a two-sided {confidence:.0%} Student-t interval, faint dots single seeds; dashed: "
     "supervised with 100% labels; dotted: label-savings point.",
@@ -166,7 +171,15 @@ def make_figures(analysis: Analysis) -> dict:
     from analysis.stats import LabelSavings
 
     savings = [LabelSavings(**row) for row in analysis.savings.to_dict("records")]
+    trials = analysis.trials
+    pretrained = trials[trials["method"] == "pretrained"]
+    lengths = {}
+    if "pretrain_epochs" in pretrained and pretrained["pretrain_epochs"].nunique() > 1:
+        lengths["miou_vs_pretrain_length"] = curves.plot_miou_vs_pretrain_length(
+            trials, analysis.confidence
+        )
     return {
+        **lengths,
         "miou_vs_fraction": curves.plot_miou_vs_fraction(
             analysis.trials, analysis.confidence, savings
         ),

@@ -163,6 +163,18 @@ class Spec(_Section):
     @model_validator(mode="after")
     def _search_rules(self) -> Spec:
         base = self.model_dump(mode="json", exclude={"search", "optuna"})
+        lengths = self.search.get(names.PRETRAIN_EPOCHS, [])
+        if self.pretrain.optim.schedule == "wsd":  # the lengths of one trunk, shortest first
+            for i, value in enumerate(lengths):
+                if type(value) is not int:
+                    raise at(
+                        ("search", names.PRETRAIN_EPOCHS, i), f"{value!r}: wsd lengths are integers"
+                    )
+                if i and value <= lengths[i - 1]:
+                    raise at(
+                        ("search", names.PRETRAIN_EPOCHS, i),
+                        f"wsd lengths must increase: {value} after {lengths[i - 1]}",
+                    )
         for path, values in self.search.items():
             for i, value in enumerate(values):
                 _validate_override(base, path, value, ("search", path, i))

@@ -54,7 +54,14 @@ from harness.tracking import (
     source_tags,
 )
 from harness.trial import SweepContext, run_trial
-from harness.trials import ResolvedTrial, Trial, expand_trials, pretrain_shares
+from harness.trials import (
+    ResolvedTrial,
+    Trial,
+    expand_trials,
+    pretrain_plan,
+    pretrain_shares,
+    wsd_trunks,
+)
 from model import names
 from model.cli import OneLineParser
 from model.names import ROLE
@@ -200,6 +207,15 @@ def plan_text(spec: Spec, trials: list[Trial]) -> str:
         f"{_count(shared, 'pretrained trial')}; pretrain.budget {_budget(spec.pretrain)}, "
         f"finetune.budget {_budget(spec.finetune)}"
     )
+    plan = pretrain_plan(resolved, "")
+    if plan.trunks:
+        unit, branches = spec.pretrain.budget.unit, "branch" if plan.branches == 1 else "branches"
+        lines.append(
+            f"pretraining plan: {_count(plan.runs, 'run')} from scratch, "
+            f"{_count(plan.trunks, 'wsd trunk')} with {plan.branches} {branches}; "
+            f"{plan.shared:g} {unit} of pretraining instead of {plan.alone:g} "
+            f"({plan.saved:g} {unit} saved)"
+        )
     return "\n".join(lines)
 
 
@@ -282,6 +298,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
             spec=spec.model_dump(mode="json"),
             source_tags=source,
             pretrain_shares=pretrain_shares(resolved, fingerprint),
+            wsd_trunks=wsd_trunks(resolved, fingerprint),
         )
         start_ray(plan.address)
         stop_like_ctrl_c()  # ray.init replaced the SIGTERM handler

@@ -15,12 +15,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness import cache, console
 from harness.spec import Spec, stable_hash
 from harness.tracking import Tracker, error_text, flatten
 from harness.trials import ResolvedTrial, Trial
+
+if TYPE_CHECKING:
+    from harness.trunk import TrunkState
 from model import names
 from model.config import DataConfig, RuntimeConfig
 from model.names import PARENT, PRETRAIN_KEY, ROLE, TRIAL_ID
@@ -42,6 +45,7 @@ class SweepContext:
     dataset_fingerprint: str
     spec: dict  # the validated spec, as JSON
     pretrain_shares: dict[str, int] = field(default_factory=dict)  # pretrain key -> trials
+    wsd_trunks: dict[str, list[int]] = field(default_factory=dict)  # trunk key -> its lengths
     source_tags: dict[str, str] = field(default_factory=dict)  # mlflow.source.* of the code
 
 
@@ -49,10 +53,13 @@ class SweepContext:
 class Pretraining:
     key: str
     checkpoint: Path
-    wall_s: float
+    wall_s: float  # whole: a WSD length counts its trunk up to its decay start, plus its branch
     gpu_s: float
     run_id: str
     built_here: bool
+    # The clocks with work shared with other pretrainings (a WSD trunk) divided among them.
+    shared_wall_s: float
+    shared_gpu_s: float
 
 
 def run_trial(config: dict, context: SweepContext) -> None:
@@ -171,15 +178,20 @@ def ensure_pretraining(
     """The checkpoint of this trial's pretraining, computed once per key across all trials.
 
     The computing trial logs it as its own MLflow run (`bev.role=pretrain`); the others wait on
-    the cache lock and reuse it.
+    the cache lock and reuse it. A WSD pretraining is its trunk's state at its decay start
+    (`ensure_trunk`) plus its own decay branch, cached under its own key all the same.
     """
     from model import train as core
 
     key = resolved.pretrain_key(context.dataset_fingerprint)
     seed = resolved.trial.seed
     params = pretrain_params(resolved)
+    trunk_key = resolved.trunk_key(context.dataset_fingerprint)
 
     def build(work: Path) -> dict:
+        from harness.trunk import ensure_trunk
+
+        trunk = ensure_trunk(resolved, context, tracker) if trunk_key else None
         run_id, _ = tracker.open_run(
             {ROLE: "pretrain", PRETRAIN_KEY: key},
             run_name=f"pretrain-s{seed}-{key[:8]}",
@@ -187,6 +199,7 @@ def ensure_pretraining(
                 PARENT: context.sweep_run_id,
                 "bev.seed": str(seed),
                 names.STUDY: context.study,
+                names.TRUNK_KEY: trunk_key,
                 **context.source_tags,
             },
         )
@@ -194,7 +207,7 @@ def ensure_pretraining(
         tracker.log_params(run_id, {**params, **core.effective_runtime(runtime)})
 
         def on_epoch(report) -> None:
-            tracker.log_metrics(run_id, pretrain_metrics(report), step=report.epoch)
+            tracker.log_metrics(run_id, pretrain_metrics(report, trunk), step=report.epoch)
 
         spec = resolved.spec
         monitor = (
@@ -212,6 +225,7 @@ def ensure_pretraining(
                     seed=seed,
                     runtime=runtime,
                     on_epoch=on_epoch,
+                    init_from=trunk.checkpoint if trunk else None,
                 )
             log_alignment(tracker, run_id, resolved, context, checkpoint)
         except Exception as exc:
@@ -220,10 +234,13 @@ def ensure_pretraining(
         # The run's last logged clock includes epochs logged before a crash and resume.
         logged = tracker.client.get_run(run_id).data.metrics
         tracker.finish(run_id, "FINISHED")
+        wall_s, gpu_s = logged.get(names.CUM_WALL_S, 0.0), logged.get(names.CUM_GPU_S, 0.0)
         return {
             "checkpoint": str(Path(checkpoint).resolve().relative_to(work.resolve())),
-            "wall_s": logged.get(names.CUM_WALL_S, 0.0),
-            "gpu_s": logged.get(names.CUM_GPU_S, 0.0),
+            "wall_s": wall_s,
+            "gpu_s": gpu_s,
+            "shared_wall_s": logged.get(names.CUM_WALL_S + names.AMORTISED, wall_s),
+            "shared_gpu_s": logged.get(names.CUM_GPU_S + names.AMORTISED, gpu_s),
             "run_id": run_id,
             "seed": seed,
             "params": params,
@@ -242,6 +259,8 @@ def ensure_pretraining(
         gpu_s=float(entry.meta["gpu_s"]),
         run_id=entry.meta["run_id"],
         built_here=entry.built_here,
+        shared_wall_s=float(entry.meta.get("shared_wall_s", entry.meta["wall_s"])),
+        shared_gpu_s=float(entry.meta.get("shared_gpu_s", entry.meta["gpu_s"])),
     )
 
 
@@ -373,6 +392,8 @@ def epoch_metrics(report, pre: Pretraining | None, shares: int) -> dict[str, flo
     wall, gpu = float(report.cum_wall_s), float(report.cum_gpu_s)
     pre_wall = pre.wall_s if pre else 0.0
     pre_gpu = pre.gpu_s if pre else 0.0
+    shared_wall = (pre.shared_wall_s if pre else 0.0) / max(1, shares)
+    shared_gpu = (pre.shared_gpu_s if pre else 0.0) / max(1, shares)
     return {
         **report.losses,
         **report.val,
@@ -380,8 +401,8 @@ def epoch_metrics(report, pre: Pretraining | None, shares: int) -> dict[str, flo
         names.CUM_GPU_S: gpu,
         names.CUM_WALL_S + names.INCL_PRETRAIN: wall + pre_wall,
         names.CUM_GPU_S + names.INCL_PRETRAIN: gpu + pre_gpu,
-        names.CUM_WALL_S + names.AMORTISED: wall + pre_wall / max(1, shares),
-        names.CUM_GPU_S + names.AMORTISED: gpu + pre_gpu / max(1, shares),
+        names.CUM_WALL_S + names.AMORTISED: wall + shared_wall,
+        names.CUM_GPU_S + names.AMORTISED: gpu + shared_gpu,
         names.LABELLED_SAMPLES: report.labelled_samples,
         names.VAL_WALL_S: float(report.val_wall_s),  # this epoch's validation
         names.STEPS: float(report.steps),
@@ -389,13 +410,20 @@ def epoch_metrics(report, pre: Pretraining | None, shares: int) -> dict[str, flo
     }
 
 
-def pretrain_metrics(report) -> dict[str, float]:
+def pretrain_metrics(report, trunk: TrunkState | None = None) -> dict[str, float]:
+    """A pretraining EpochReport -> its run's metrics. A WSD branch's clocks add its trunk:
+    whole (`time/cum_wall_s`) and divided among the lengths sharing it (`..._amortised`)."""
+    wall, gpu = float(report.cum_wall_s), float(report.cum_gpu_s)
+    metrics = {**report.losses, **report.val, names.VAL_WALL_S: float(report.val_wall_s)}
+    if trunk is None:
+        return {**metrics, names.CUM_WALL_S: wall, names.CUM_GPU_S: gpu}
     return {
-        **report.losses,
-        **report.val,
-        names.CUM_WALL_S: float(report.cum_wall_s),
-        names.CUM_GPU_S: float(report.cum_gpu_s),
-        names.VAL_WALL_S: float(report.val_wall_s),
+        **metrics,
+        names.CUM_WALL_S: wall + trunk.wall_s,
+        names.CUM_GPU_S: gpu + trunk.gpu_s,
+        names.CUM_WALL_S + names.AMORTISED: wall + trunk.shared_wall_s,
+        names.CUM_GPU_S + names.AMORTISED: gpu + trunk.shared_gpu_s,
+        "time/branch_wall_s": wall,
     }
 
 

@@ -4,6 +4,7 @@ trials = expand_trials(spec)              # the grid
 resolved = trials[0].resolve(spec)        # the spec with the trial's values set, validated
 resolved.pretrain, resolved.finetune      # the core's configs for this trial
 resolved.pretrain_key(fingerprint)        # which shared pretraining it uses (None: none)
+resolved.trunk_key(fingerprint)           # which WSD trunk that pretraining branches off
 """
 
 from __future__ import annotations
@@ -101,16 +102,26 @@ class ResolvedTrial:
         dataset's content and the cache version), nothing about fine-tuning or the runtime."""
         if self.pretrain is None:
             return None
-        return stable_hash(
-            {
-                "cache_version": PRETRAIN_CACHE_VERSION,
-                "pretrain": self.pretrain.model_dump(mode="json"),
-                "data": self.spec.data.model_dump(mode="json"),
-                "dataset": dataset_fingerprint,
-                "model": self.spec.model.build().to_dict(),
-                "seed": self.trial.seed,
-            }
-        )
+        return stable_hash(self._pretrain_identity(dataset_fingerprint))
+
+    def trunk_key(self, dataset_fingerprint: str) -> str | None:
+        """A WSD pretraining's trunk: its key without the length, which its prefix does not
+        depend on (``model.config.OptimConfig``). None for cosine and supervised trials."""
+        if self.pretrain is None or self.pretrain.optim.schedule != "wsd":
+            return None
+        identity = self._pretrain_identity(dataset_fingerprint)
+        del identity["pretrain"]["budget"]["value"]
+        return stable_hash({**identity, "wsd_trunk": True})
+
+    def _pretrain_identity(self, dataset_fingerprint: str) -> dict:
+        return {
+            "cache_version": PRETRAIN_CACHE_VERSION,
+            "pretrain": self.pretrain.model_dump(mode="json"),
+            "data": self.spec.data.model_dump(mode="json"),
+            "dataset": dataset_fingerprint,
+            "model": self.spec.model.build().to_dict(),
+            "seed": self.trial.seed,
+        }
 
 
 def _short(value: Any) -> str:
@@ -155,3 +166,52 @@ def pretrain_shares(resolved: Iterable[ResolvedTrial], fingerprint: str) -> dict
         if key is not None:
             shares[key] = shares.get(key, 0) + 1
     return shares
+
+
+def wsd_trunks(resolved: Iterable[ResolvedTrial], fingerprint: str) -> dict[str, list[int]]:
+    """WSD trunk key -> the lengths (``pretrain.budget.value``, increasing) branching off it."""
+    trunks: dict[str, set[int]] = {}
+    for trial in resolved:
+        key = trial.trunk_key(fingerprint)
+        if key is not None:
+            trunks.setdefault(key, set()).add(trial.pretrain.budget.value)
+    return {key: sorted(lengths) for key, lengths in trunks.items()}
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """What the distinct pretrainings of a grid cost, in their budget's unit (epochs, ...)."""
+
+    runs: int  # pretrainings run from scratch (cosine)
+    trunks: int  # WSD trunks ...
+    branches: int  # ... and the lengths branching off them
+    alone: float  # every pretraining run on its own
+    shared: float  # with WSD lengths sharing their trunk
+
+    @property
+    def saved(self) -> float:
+        return self.alone - self.shared
+
+
+def pretrain_plan(resolved: Iterable[ResolvedTrial], fingerprint: str) -> PretrainPlan:
+    """The pretraining compute of a grid. A WSD trunk runs to its longest length's decay start
+    and each length adds its decay: ``max(L) (1 - f) + f sum(L)`` instead of ``sum(L)``
+    (step rounding aside)."""
+    distinct = {t.pretrain_key(fingerprint): t for t in resolved if t.pretrain is not None}
+    cosine = [t for t in distinct.values() if t.trunk_key(fingerprint) is None]
+    trunks: dict[str, list[PretrainConfig]] = {}
+    for trial in distinct.values():
+        if trial.trunk_key(fingerprint) is not None:
+            trunks.setdefault(trial.trunk_key(fingerprint), []).append(trial.pretrain)
+    shared = sum(t.pretrain.budget.value for t in cosine)
+    for configs in trunks.values():
+        f = configs[0].optim.decay_fraction
+        shared += max(c.budget.value for c in configs) * (1 - f)
+        shared += f * sum(c.budget.value for c in configs)
+    return PretrainPlan(
+        runs=len(cosine),
+        trunks=len(trunks),
+        branches=sum(len(c) for c in trunks.values()),
+        alone=float(sum(t.pretrain.budget.value for t in distinct.values())),
+        shared=float(shared),
+    )

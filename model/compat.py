@@ -65,3 +65,21 @@ def plain(value):
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value
+
+
+def check_trunk(state: dict, phase: str, meta: dict, path: Path) -> None:
+    """Raise unless ``state`` (a WSD trunk's state at ``path``) is this run's own prefix: the
+    same phase, model, data, seed and phase config up to the length (``budget.value``)."""
+    check_resumable(state, phase, meta, path)
+    for key in ("seed", "dataroot", "version"):
+        if plain(state.get(key)) != plain(meta[key]):
+            raise ValueError(f"{path} is not a trunk of this run ({key} differs)")
+    if _without_length(state.get("phase_cfg")) != _without_length(meta["phase_cfg"]):
+        raise ValueError(f"{path} is not a trunk of this run (its phase config differs)")
+
+
+def _without_length(phase_cfg: dict | None) -> dict | None:
+    if phase_cfg is None:
+        return None
+    budget = {k: v for k, v in phase_cfg["budget"].items() if k != "value"}
+    return plain({**phase_cfg, "budget": budget})

@@ -14,6 +14,8 @@ Defaults follow the official BEVFormer configs: AdamW (lr 2e-4, weight decay 0.0
 backbone at ``backbone_lr_mult`` (0.1) times the lr, gradient clipping at max-norm 35, cosine
 annealing to ``min_lr_ratio`` (1e-3) with a linear warmup from ``warmup_ratio`` (1/3) over
 ``warmup_iters`` (500) iterations, capped at ``warmup_max_fraction`` of a phase's iterations.
+``optim.schedule: wsd`` is warmup-stable-decay instead (``OptimConfig``): the prefix of its
+schedule does not depend on the length, so pretraining lengths can share one run.
 """
 
 from __future__ import annotations
@@ -167,7 +169,14 @@ class ModelChoice(Config):
 
 
 class OptimConfig(Config):
-    """AdamW with a per-iteration cosine schedule and a linear warmup (module docstring)."""
+    """AdamW with a per-iteration schedule and a linear warmup (module docstring).
+
+    ``cosine`` (the default) anneals over the whole length, so each length is its own run.
+    ``wsd`` (warmup-stable-decay) warms up over ``warmup_iters`` (uncapped: a cap taken from
+    the length would make the prefix depend on it), stays at the lr, then decays linearly to
+    ``min_lr_ratio`` over the last ``decay_fraction`` of the steps: every length's run is one
+    shared trunk up to its decay start plus a short branch of its own (docs/harness.md).
+    """
 
     lr: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 2e-4
     weight_decay: Weight = 1e-2
@@ -177,6 +186,17 @@ class OptimConfig(Config):
     warmup_ratio: Ratio = 1.0 / 3.0
     warmup_max_fraction: Ratio = 0.1
     min_lr_ratio: Ratio = 1e-3
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: Annotated[float, Field(gt=0, le=0.5, allow_inf_nan=False)] = 0.1
+
+    def warmup_steps(self, total_steps: int) -> int:
+        if self.schedule == "wsd":
+            return self.warmup_iters
+        return min(self.warmup_iters, int(self.warmup_max_fraction * total_steps))
+
+    def decay_start(self, total_steps: int) -> int:
+        """WSD: the first step of the decay (the last ``decay_fraction``, at least one step)."""
+        return total_steps - max(1, round(self.decay_fraction * total_steps))
 
 
 class ReprojectionConfig(Config):
@@ -237,6 +257,24 @@ class PhaseConfig(Config):
     # together; label cells rotated in from outside the grid are ignored).
     bev_aug_yaw_deg: Annotated[float, Field(ge=0, le=180, allow_inf_nan=False)] = 0.0
     val_every: ValEvery = 1
+
+    @model_validator(mode="after")
+    def _wsd_budget(self) -> PhaseConfig:
+        budget, optim = self.budget, self.optim
+        if optim.schedule != "wsd" or budget.unit == "epochs":
+            return self  # epochs: checked once the steps per epoch are known (model.loop)
+        if budget.unit == "samples" and budget.value % self.batch_size:
+            raise ValueError(
+                f"budget.value: a wsd budget in samples must be a multiple of batch_size "
+                f"({self.batch_size}), got {budget.value}"
+            )
+        steps = budget.value // (1 if budget.unit == "steps" else self.batch_size)
+        if optim.warmup_iters > optim.decay_start(steps):
+            raise ValueError(
+                f"optim.warmup_iters: {optim.warmup_iters} warmup steps run past the wsd decay "
+                f"start (step {optim.decay_start(steps)} of {steps})"
+            )
+        return self
 
 
 class PretrainConfig(PhaseConfig):

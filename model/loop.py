@@ -17,9 +17,14 @@ Clocks: ``cum_wall_s`` is the wall time of the training epochs (data loading, st
 validation or checkpoint writes, summed over epochs and across resumes. ``cum_gpu_s`` is the
 GPU time of the steps (CUDA events around each step); on CPU it is 0.0.
 
-Determinism: every epoch reseeds torch's global RNG and the loader's shuffling generator from
-(seed, epoch), so a run resumed from a checkpoint sees the same batches and random draws as an
-uninterrupted one (on the same device and thread count).
+WSD (``optim.schedule: wsd``): up to a length's decay start the lr does not depend on the
+length, so a run may stop there (``Phase.stop_step``: a trunk segment) and another length's run
+may start from that state (``Phase.init_from``: its branch, or the trunk's next segment).
+
+Determinism: every step reseeds torch's global RNG from (seed, step) and every pass over the
+loader reseeds its shuffling generator from (seed, pass), so a run resumed from a checkpoint,
+or a branch started from a trunk's state, sees the same batches and random draws as an
+uninterrupted run (on the same device and thread count).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from tqdm import tqdm
 from model import names
 from model.bevformer import BEVFormerSeg
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.compat import check_resumable
+from model.compat import check_resumable, check_trunk
 from model.config import EarlyStopping, EpochReport, OptimConfig, PhaseConfig, RuntimeConfig
 from model.data.labels import is_multilabel
 from model.data.pseudo_labels import pseudo_channel_groups
@@ -74,13 +79,22 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % 2**63
 
 
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_033 + step * 104_729 + 1) % 2**63
+
+
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of the base lr at iteration ``step`` (0-based) of ``total_steps``."""
-    progress = min(step / max(total_steps, 1), 1.0)
-    factor = cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (
-        1.0 + math.cos(math.pi * progress)
-    )
-    warmup = min(cfg.warmup_iters, int(cfg.warmup_max_fraction * total_steps))
+    if cfg.schedule == "wsd":
+        start = cfg.decay_start(total_steps)
+        progress = min(max(0, step + 1 - start) / max(total_steps - start, 1), 1.0)
+        factor = 1.0 - (1.0 - cfg.min_lr_ratio) * progress  # the last step is at min_lr_ratio
+    else:
+        progress = min(step / max(total_steps, 1), 1.0)
+        factor = cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (
+            1.0 + math.cos(math.pi * progress)
+        )
+    warmup = cfg.warmup_steps(total_steps)
     if step < warmup:
         # mmcv's linear warmup: from warmup_ratio x the regular lr up to the regular lr.
         factor *= 1.0 - (1.0 - step / warmup) * (1.0 - cfg.warmup_ratio)
@@ -219,6 +233,11 @@ class Phase:
     extra_steps: int = 0  # added to the budget (the compute-matched supervised arm)
     early_stopping: EarlyStopping | None = None
     preview: bool = False  # render EpochReport.preview after each validation
+    # WSD: end at this step (a trunk segment ends at a length's decay start) ...
+    stop_step: int | None = None
+    # ... and start, when there is no checkpoint of its own, from such a state (weights,
+    # optimiser, step) of the same configuration at another length; clocks start at 0.
+    init_from: Path | None = None
 
     @property
     def weights(self) -> dict[str, float]:
@@ -302,10 +321,6 @@ class Schedule:
     @property
     def periods(self) -> int:
         return max(1, math.ceil(self.total_steps / self.period_steps))
-
-    def steps_in(self, period: int) -> int:
-        """Steps of 1-based ``period`` (the last one may be shorter)."""
-        return min(self.period_steps, self.total_steps - (period - 1) * self.period_steps)
 
 
 def schedule(cfg: PhaseConfig, steps_per_pass: int, extra_steps: int = 0) -> Schedule:
@@ -401,20 +416,29 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
         history = [EpochReport(**r) for r in state["history"]]
         best = _Best(**state["best"]) if state.get("best") else best
         log.info("%s resumes after period %d from %s", phase.name, start, phase.checkpoint_path)
-        if history and history[-1].stopped_early:
+        if history and history[-1].stopped_early or step == phase.stop_step:
             return history
+    elif phase.init_from is not None:
+        state = load_checkpoint(phase.init_from)
+        check_trunk(state, phase.name, phase.meta, phase.init_from)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        start = step // plan.period_steps  # the branch may start inside a period
+        log.info("%s starts at step %d from %s", phase.name, step, phase.init_from)
+    _check_wsd(cfg, plan, phase.stop_step)
     batches = _Batches(phase.loader, phase.seed)
     batches.seek(step)
     amp = autocast(device, runtime.bf16)
     cuda = device.type == "cuda"
     miou_key = names.val_metric(phase.name, names.MIOU)
     for period in range(start + 1, plan.periods + 1):
-        torch.manual_seed(_epoch_seed(phase.seed, period))
         net.train()
         sums: dict[str, torch.Tensor] = {}
         events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         started = time.perf_counter()
-        n = plan.steps_in(period)
+        end = min(period * plan.period_steps, plan.total_steps, phase.stop_step or math.inf)
+        n = end - step
         bar = tqdm(
             total=n,
             desc=f"{phase.name} {period}/{plan.periods}",
@@ -422,6 +446,7 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
             disable=None if runtime.progress else True,
         )
         for i in range(n):
+            torch.manual_seed(_step_seed(phase.seed, step))
             batch = batches.next()
             _set_lr(optimizer, lr_factor(step, plan.total_steps, cfg.optim))
             batch = _to_device(batch, device)
@@ -520,9 +545,27 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
         )
         if on_epoch is not None:
             on_epoch(report)
-        if stop:
+        if stop or step == phase.stop_step:
             break
     return history
+
+
+def _check_wsd(cfg: PhaseConfig, plan: Schedule, stop_step: int | None) -> None:
+    """A WSD run's warmup must end before its decay (epoch budgets: known only here), and a
+    trunk segment stops at a step where the lr does not yet depend on the length."""
+    optim = cfg.optim
+    if optim.schedule != "wsd":
+        if stop_step is not None:
+            raise ValueError("only a wsd schedule can stop at a decay start (stop_step)")
+        return
+    start = optim.decay_start(plan.total_steps)
+    if optim.warmup_iters > start:
+        raise ValueError(
+            f"optim.warmup_iters: {optim.warmup_iters} warmup steps run past the wsd decay "
+            f"start (step {start} of {plan.total_steps})"
+        )
+    if stop_step is not None and stop_step > start:
+        raise ValueError(f"stop_step {stop_step} is past the decay start (step {start})")
 
 
 def _event_pair() -> tuple[torch.cuda.Event, torch.cuda.Event]:

@@ -22,7 +22,9 @@ METHODS: tuple[str, ...] = (SUPERVISED, SUPERVISED_MATCHED, PRETRAINED)
 
 # --- run tags ------------------------------------------------------------------------------------
 
-ROLE = "bev.role"  # sweep | pretrain | trial
+ROLE = "bev.role"  # sweep | pretrain | pretrain_trunk | trial
+TRUNK = "pretrain_trunk"  # the role of a WSD trunk's run (its segments log into it)
+TRUNK_KEY = "bev.trunk_key"  # on the trunk's run and on each length's pretraining run
 TRIAL_ID = "bev.trial_id"
 PRETRAIN_KEY = "bev.pretrain_key"
 PARENT = "mlflow.parentRunId"

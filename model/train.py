@@ -125,10 +125,15 @@ def pretrain(
     seed: int = 0,
     runtime: RuntimeConfig = DEFAULT_RUNTIME,
     on_epoch: OnEpoch | None = None,
+    init_from: Path | str | None = None,
+    stop_step: int | None = None,
 ) -> Path:
     """Self-supervised pretraining on the train split's pseudo-labels; no BEV label is used.
 
     Returns the checkpoint path (``<out_dir>/pretrain.pt``); resumes from it when it exists.
+    WSD (``cfg.optim.schedule``): ``stop_step`` ends the run early, at most at its decay start
+    (a trunk segment); ``init_from`` starts it from such a checkpoint of the same config at
+    another length (the next segment, or this length's decay branch). See ``model.loop``.
     """
     device = resolve_device(runtime.device)
     set_up_process(runtime)
@@ -163,6 +168,8 @@ def pretrain(
         checkpoint_path=Path(out_dir) / "pretrain.pt",
         meta=meta,
         reproj_class_weights=reproj_weights,
+        stop_step=stop_step,
+        init_from=Path(init_from) if init_from is not None else None,
     )
     run_phase(phase, on_epoch)
     return phase.checkpoint_path

@@ -16,7 +16,7 @@ import yaml
 
 from harness.spec import load_spec
 from harness.sweep import main
-from harness.trials import Trial, expand_trials, pretrain_shares
+from harness.trials import Trial, expand_trials, pretrain_shares, wsd_trunks
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -191,6 +191,36 @@ BAD_SPECS = {
         "search: {label_fraction: [0.5]}",
         ["{file}: search.label_fraction: renamed; use search.finetune.label_fraction"],
     ),
+    "wsd_lengths_not_increasing": (
+        "pretrain: {optim: {schedule: wsd, warmup_iters: 0}}\n"
+        "search: {pretrain.budget.value: [4, 2]}",
+        ["{file}: search.pretrain.budget.value[1]: wsd lengths must increase: 2 after 4"],
+    ),
+    "wsd_length_not_an_integer": (
+        "pretrain: {optim: {schedule: wsd, warmup_iters: 0}}\n"
+        "search: {pretrain.budget.value: [2, 2.5]}",
+        ["{file}: search.pretrain.budget.value[1]: 2.5: wsd lengths are integers"],
+    ),
+    "wsd_decay_fraction_zero": (
+        "pretrain: {optim: {schedule: wsd, decay_fraction: 0}}",
+        ["{file}: pretrain.optim.decay_fraction: must be > 0"],
+    ),
+    "wsd_decay_fraction_above_half": (
+        "pretrain: {optim: {schedule: wsd, decay_fraction: 0.6}}",
+        ["{file}: pretrain.optim.decay_fraction: must be <= 0.5, got 0.6"],
+    ),
+    "wsd_samples_budget_not_a_multiple_of_the_batch": (
+        "pretrain: {batch_size: 4, budget: {unit: samples, value: 10},"
+        " optim: {schedule: wsd, warmup_iters: 0}}",
+        [
+            "{file}: pretrain: budget.value: a wsd budget in samples must be a multiple of"
+            " batch_size (4), got 10"
+        ],
+    ),  # fmt: skip
+    "wsd_warmup_past_the_decay_start": (
+        "pretrain: {budget: {unit: steps, value: 10}, optim: {schedule: wsd}}",
+        ["{file}: pretrain: optim.warmup_iters: 500 warmup steps run past the wsd decay start"],
+    ),
     "old_optuna_place": (
         "methods: [pretrained]\nsearch: {optuna: {params: {}}}",
         ["{file}: search.optuna: renamed; use optuna"],
@@ -362,6 +392,28 @@ def test_label_fraction_study_runs_24_trials_on_3_shared_pretrainings():
     assert spec.model.preset == "nano" and spec.data.source == "synthetic"
     assert len(trials) == 24
     assert len(pretrain_shares(trials, "fingerprint")) == 3
+
+
+def test_a_wsd_length_grid_shares_one_trunk_per_seed_and_the_dry_run_says_what_it_saves(
+    tmp_path, capsys
+):
+    body = (
+        "pretrain: {optim: {schedule: wsd, decay_fraction: 0.1, warmup_iters: 0}}\n"
+        "search: {pretrain.budget.value: [2, 4, 8, 16], finetune.label_fraction: [0.5, 1.0]}\n"
+        "methods: [pretrained]\nseeds: [0, 1]"
+    )
+    spec_path = write_spec(tmp_path, body)
+    trials = [t.resolve(load_spec(spec_path)) for t in expand_trials(load_spec(spec_path))]
+    trunks = wsd_trunks(trials, "fingerprint")
+    assert sorted(trunks.values()) == [[2, 4, 8, 16]] * 2  # one trunk per seed
+    assert len(pretrain_shares(trials, "fingerprint")) == 8  # each length its own entry
+
+    assert main([str(spec_path), "--dry-run"]) == 0
+    # Per seed: a trunk to 16 x 0.9 = 14.4 epochs and decays of 0.1 x 30 = 3, against 30.
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "pretraining plan: 0 runs from scratch, 2 wsd trunks with 8 branches; "
+        "34.8 epochs of pretraining instead of 60 (25.2 epochs saved)"
+    )
 
 
 def test_dry_run_prints_one_row_per_trial_and_the_pretraining_count(tmp_path, capsys):

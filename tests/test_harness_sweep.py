@@ -109,6 +109,18 @@ def run_sweep(sweep: Sweep, *args: str, env: dict | None = None) -> subprocess.C
     return proc
 
 
+def start_sweep(sweep: Sweep, cwd: Path) -> subprocess.Popen:
+    """The sweep in the background, in its own process group (for a test to SIGKILL it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.sweep", str(sweep.spec_path)],
+        cwd=cwd,
+        env=sweep_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def assert_ok(proc: subprocess.CompletedProcess, code: int = 0) -> None:
     assert proc.returncode == code, (
         f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
@@ -366,14 +378,7 @@ def test_a_sweep_killed_with_sigkill_resumes_without_rerunning_finished_trials(t
         mlflow={"system_metrics": False},
     )
     db = sweep.storage / "mlflow.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.sweep", str(sweep.spec_path)],
-        cwd=tmp_path,
-        env=sweep_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_sweep(sweep, tmp_path)
     try:
         deadline = time.monotonic() + SWEEP_TIMEOUT_S
         # Kill once one trial has finished and the next has checkpointed an epoch.
@@ -637,3 +642,80 @@ def test_a_sweep_runs_on_an_existing_two_node_cluster_given_by_address(tmp_path,
     assert len({r.data.tags["bev.ray_node_id"] for r in trials}) == 2
     (sweep_run,) = sweep.runs("sweep")
     assert sweep_run.data.tags["bev.ray_address"] == address
+
+
+# --- pretraining lengths sharing one WSD trunk ---------------------------------------------------
+
+
+def _statuses(db_path: Path, role: str) -> list[str]:
+    if not db_path.exists():
+        return []
+    try:
+        with sqlite3.connect(db_path, timeout=1) as db:
+            rows = db.execute(
+                """SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid
+                   WHERE t.key = 'bev.role' AND t.value = ?""",
+                (role,),
+            ).fetchall()
+    except sqlite3.Error:
+        return []
+    return [status for (status,) in rows]
+
+
+@pytest.mark.slow
+def test_three_wsd_lengths_run_one_trunk_and_three_branches_and_resume_after_sigkill(tmp_path):
+    sweep = write_study(
+        tmp_path,
+        "lengths",
+        # Decay starts at steps 3, 18 and 24: the trunk's segments are 3, 15 and 6 steps long.
+        pretrain={
+            "budget": {"unit": "steps", "value": 4, "every": 3},
+            "optim": {"schedule": "wsd", "decay_fraction": 0.25, "warmup_iters": 0},
+            "val_every": None,
+        },
+        finetune={"budget": {"value": 3}},
+        search={"finetune.label_fraction": [1.0], "pretrain.budget.value": [4, 24, 32]},
+        methods=["pretrained"],
+        max_concurrent=2,
+        mlflow={"system_metrics": False, "log_images": False, "log_checkpoint": False},
+    )
+    db = sweep.storage / "mlflow.db"
+    proc = start_sweep(sweep, tmp_path)
+    try:
+        deadline = time.monotonic() + SWEEP_TIMEOUT_S
+        # Kill inside the trunk's second segment, once the shortest length's branch is done
+        # and while its trial still fine-tunes: the resumed trial must find the branch cached.
+        while not ("FINISHED" in _statuses(db, "pretrain") and
+                   _statuses(db, "pretrain_trunk") == ["RUNNING"] and
+                   "FINISHED" not in _statuses(db, "trial")):  # fmt: skip
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() < deadline, "no progress to interrupt"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        _kill_group(proc)
+    finished = {r.info.run_id for r in sweep.runs("pretrain") if r.info.status == "FINISHED"}
+    assert len(finished) == 1
+    resumed_at_ms = time.time() * 1000
+
+    assert_ok(run_sweep(sweep, "--resume"))
+
+    (trunk,) = sweep.runs("pretrain_trunk")
+    branches = sweep.runs("pretrain")
+    assert trunk.info.status == "FINISHED" and len(branches) == 3
+    assert {r.data.params["pretrain.budget.value"] for r in branches} == {"4", "24", "32"}
+    assert {r.data.tags["bev.trunk_key"] for r in branches} == {trunk.data.tags["bev.trunk_key"]}
+    for run in branches:
+        history = sweep.history(run.info.run_id, "time/branch_wall_s")
+        assert history, "a branch logs its own clock"
+        if run.info.run_id in finished:
+            assert all(m.timestamp < resumed_at_ms for m in history), "a branch ran again"
+        whole = run.data.metrics["time/cum_wall_s"]
+        shared = run.data.metrics["time/cum_wall_s_amortised"]
+        assert history[-1].value < shared <= whole  # the trunk's share, then all of it
+    entries = sorted(p.name.split("-")[0] for p in (sweep.storage / "pretrain").iterdir()
+                     if p.is_dir() and "." not in p.name)  # fmt: skip
+    assert entries.count("trunk") == 3 and len(entries) == 6  # 3 segments, 3 branches
+    trials = sweep.runs("trial")
+    assert len(trials) == 3 and {r.info.status for r in trials} == {"FINISHED"}

@@ -296,6 +296,42 @@ def test_schedule_warms_up_linearly_then_anneals_to_the_minimum():
     assert (np.diff(factors) <= 0).all()
 
 
+def test_wsd_is_the_same_up_to_each_lengths_decay_start_then_decays_to_the_minimum():
+    cfg = OptimConfig(schedule="wsd", decay_fraction=0.2, warmup_iters=10)
+    short, long = 100, 300  # decay starts at 80 and 240
+    assert math.isclose(lr_factor(0, short, cfg), 1.0 / 3.0)
+    prefix = [lr_factor(s, short, cfg) for s in range(80)]
+    assert prefix == [lr_factor(s, long, cfg) for s in range(80)]
+    assert prefix[10:] == [1.0] * 70
+    decay = np.array([lr_factor(s, short, cfg) for s in range(80, short)])
+    assert (np.diff(decay) < 0).all() and math.isclose(decay[-1], cfg.min_lr_ratio)
+
+
+def test_a_wsd_branch_off_a_longer_runs_trunk_equals_its_length_from_scratch(
+    tiny_root, cache_dir, tmp_path
+):
+    data = data_config(tiny_root, cache_dir)
+    optim = OptimConfig(lr=2e-3, schedule="wsd", decay_fraction=0.2, warmup_iters=2)
+
+    def length(steps: int) -> PretrainConfig:
+        budget = {"unit": "steps", "value": steps, "every": 4}
+        return PretrainConfig(budget=budget, batch_size=2, optim=optim, val_every=None)
+
+    short, long = length(10), length(20)  # decay starts: 8 and 16
+    trunk = pretrain(data, NANO, long, tmp_path / "trunk", runtime=CPU, stop_step=8)
+    assert load_checkpoint(trunk)["step"] == 8
+    branch = pretrain(data, NANO, short, tmp_path / "branch", runtime=CPU, init_from=trunk)
+    scratch = pretrain(data, NANO, short, tmp_path / "scratch", runtime=CPU)
+
+    a, b = (load_checkpoint(path) for path in (branch, scratch))
+    assert a["step"] == b["step"] == 10
+    assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-6) for k in a["model"])
+    assert a["cum_wall_s"] < b["cum_wall_s"]  # the branch's clock counts its 2 steps only
+    with pytest.raises(ValueError, match="not a trunk of this run"):
+        other = short.model_copy(update={"w_temporal": 0.5})
+        pretrain(data, NANO, other, tmp_path / "other", runtime=CPU, init_from=trunk)
+
+
 def test_rotating_the_ego_frame_moves_cameras_and_labels_together(tiny_root, cache_dir):
     dataset = bev_dataset(tiny_root, cache_dir, "train")
     batch = next(iter(make_loader(dataset, 2, shuffle=False)))
