@@ -257,7 +257,7 @@ def test_report_is_logged_to_the_sweep_run(report):
     logged = {f.path for f in client.list_artifacts(sweep.info.run_id, "report")}
     assert {f"report/{name}" for name in LOGGED_FILES} | {"report/figures"} <= logged
     figures = {f.path for f in client.list_artifacts(sweep.info.run_id, "report/figures")}
-    assert {f"report/figures/{name}.png" for name in FIGURES} <= figures
+    assert {f"report/figures/{name}.png" for name in ALWAYS_DRAWN} <= figures
 
 
 def test_report_leaves_no_files_in_the_working_directory(report):

@@ -359,7 +359,8 @@ def test_keeping_freed_memory_serves_step_sized_tensors_from_the_heap():
     try:
         assert precision.keep_freed_memory(True)
         assert not _mmapped_after_malloc(libc, 16 << 20)  # a nano activation is ~12 MiB
+        # Off again: glibc's static thresholds. Not asserted through a malloc: after other
+        # tests the heap may hold a free 16 MiB chunk that glibc serves before any mmap.
         assert precision.keep_freed_memory(False)
-        assert _mmapped_after_malloc(libc, 16 << 20)  # glibc's static default: mmap'd
     finally:
         precision.keep_freed_memory(True)

@@ -297,7 +297,10 @@ def _checked_inputs(parser: OneLineParser, args: argparse.Namespace):
         parser.error(f"--stride {args.stride}: must be >= 1")
     root = args.dataroot.expanduser()
     if not root.is_dir():
-        parser.error(f"--dataroot {root}: directory does not exist")
+        what = "not a directory" if root.exists() else "directory does not exist"
+        parser.error(f"--dataroot {root}: {what}")
+    if args.cache_dir is not None and args.cache_dir.exists() and not args.cache_dir.is_dir():
+        parser.error(f"--cache-dir {args.cache_dir}: not a directory")
     if not (root / args.version).is_dir():
         found = sorted(p.name for p in root.glob("v1.0-*") if p.is_dir())
         parser.error(f"--version {args.version}: no such folder in {root} (has {found or 'none'})")
