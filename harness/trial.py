@@ -199,7 +199,7 @@ def ensure_pretraining(
                 PARENT: context.sweep_run_id,
                 "bev.seed": str(seed),
                 names.STUDY: context.study,
-                names.TRUNK_KEY: trunk_key,
+                **({names.TRUNK_KEY: trunk_key} if trunk_key else {}),
                 **context.source_tags,
             },
         )
