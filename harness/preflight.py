@@ -19,7 +19,12 @@ from urllib.parse import urlparse
 
 from harness.driver import STATE_FILE, load_state
 from harness.spec import Spec, SpecError
-from harness.tracking import resolve_ray_address, resolve_tracking_uri, sqlite_uri
+from harness.tracking import (
+    check_artifact_location,
+    resolve_ray_address,
+    resolve_tracking_uri,
+    sqlite_uri,
+)
 
 CONNECT_TIMEOUT_S = 3.0
 DONE = "finished"  # the state file's `status` once Tune ran every trial to its end
@@ -56,6 +61,7 @@ def plan_sweep(spec: Spec, spec_path: Path, resume: bool, uri_flag: str | None,
     uri = resolve_tracking_uri(uri_flag, spec.mlflow.tracking_uri, default_uri)
     where = "--tracking-uri" if uri_flag else f"{spec_path}: mlflow.tracking_uri"
     check_store(uri, where)
+    check_artifact_location(uri, spec.experiment, storage)
     address = resolve_ray_address(address_flag, spec.ray.address)
     if address_flag:
         where = "--address"
@@ -106,12 +112,12 @@ def check_dir(path: Path, where: str, create: bool = False) -> None:
 
 
 def check_store(uri: str, where: str) -> None:
-    """The MLflow store at `uri` can be used: a SQLite file is an MLflow store (or empty), a
+    """The MLflow store at `uri` can be used: an existing SQLite file is an MLflow store, a
     server answers, the scheme is one MLflow knows."""
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
         path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-        if path is not None and path.is_file() and path.stat().st_size:
+        if path is not None and path.is_file():
             try:
                 with contextlib.closing(
                     sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)

@@ -46,7 +46,6 @@ from harness.preflight import (
 from harness.spec import Spec, SpecError, load_spec, stable_hash
 from harness.tracking import (
     Tracker,
-    check_destination,
     environment_info,
     flatten,
     git_commit,
@@ -143,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     try:
         plan = plan_sweep(spec, args.spec, args.resume, args.tracking_uri, args.address)
-        check_destination(plan.tracking_uri, spec.experiment, spec.storage_dir())
         if plan.finished:
             print(f"{args.spec}: study {spec.study}: its sweep already finished; nothing to resume")
             return EXIT_OK

@@ -192,19 +192,15 @@ def local_artifact_location(tracking_uri: str, study_dir: Path) -> str | None:
     return (Path(study_dir) / "artifacts").resolve().as_uri()
 
 
-def check_destination(tracking_uri: str, experiment: str, study_dir: Path) -> None:
-    """Refuse, before a sweep writes anything, a tracking store that cannot be reached or read
-    and a local artifact location that cannot be written (raises SpecError, one line)."""
+def check_artifact_location(tracking_uri: str, experiment: str, study_dir: Path) -> None:
+    """Refuse, before a sweep writes anything, a local artifact location that cannot be written
+    (raises SpecError, one line). The store itself is checked first, by
+    ``harness.preflight.check_store``."""
     from urllib.parse import urlparse
     from urllib.request import url2pathname
 
-    from analysis.load import AnalysisError, _sqlite_path
-    from analysis.report import check_store
+    from analysis.load import _sqlite_path
 
-    try:
-        check_store(tracking_uri)
-    except AnalysisError as exc:
-        raise SpecError(str(exc)) from None
     location = local_artifact_location(tracking_uri, study_dir)
     store = _sqlite_path(tracking_uri)
     if store is not None and store.is_file():  # an existing experiment keeps its location

@@ -302,6 +302,12 @@ CASES = [
         "is not a SQLite database",
     ),
     Case(
+        "sweep-db-empty",
+        f"{S} --tracking-uri sqlite:///{{empty}}",
+        "{empty}",
+        "without MLflow tables",
+    ),
+    Case(
         "sweep-db-not-mlflow",
         f"{S} --tracking-uri sqlite:///{{otherdb}}",
         "{otherdb}",

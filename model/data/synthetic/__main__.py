@@ -12,27 +12,12 @@ import re
 import sys
 from pathlib import Path
 
-from model.cli import OneLineParser
+from model.cli import OneLineParser, int_at_least
 
 PROG = "python -m model.data.synthetic"
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive, _non_negative = _int_at_least(1), _int_at_least(0)
+_positive, _non_negative = int_at_least(1), int_at_least(0)
 
 
 def _image_size(text: str) -> tuple[int, int]:
