@@ -13,6 +13,7 @@ import torch
 from model.data.alignment import (
     PROG,
     AlignmentMeter,
+    chance_miou,
     main,
     one_hot_logits,
     ray_cells,
@@ -133,6 +134,21 @@ def test_a_bev_label_reprojected_scores_one_against_itself_and_less_when_shifted
     update_perspective_iou(shifted, one_hot_logits(label.roll(3, dims=1), NUM), grids, pseudo)
     assert same.compute()["mIoU"] == pytest.approx(1.0)
     assert shifted.compute()["mIoU"] < 0.9
+
+
+def test_chance_is_what_a_uniformly_random_prediction_scores():
+    # The oracle: ArgmaxIoU on real random predictions, many cells, against the closed form.
+    generator = torch.Generator().manual_seed(0)
+    names = list(HDMAPNET_CLASSES)
+    target = torch.multinomial(torch.tensor([0.85, 0.08, 0.02, 0.05]), 400_000, True,
+                               generator=generator).reshape(1, 400, 1000)  # fmt: skip
+    logits = torch.rand(1, len(names), 400, 1000, generator=generator)
+    metric = ArgmaxIoU(names)
+    metric.update(logits, target)
+    counts = torch.bincount(target.flatten(), minlength=len(names)).tolist()
+    assert chance_miou(counts, names) == pytest.approx(metric.compute()["mIoU"], abs=2e-3)
+    # Background does not count; a class that never occurs scores 0.
+    assert chance_miou([10, 0, 0, 0], names) == 0.0
 
 
 def test_meter_pools_reach_per_class_over_the_split():

@@ -383,15 +383,19 @@ def test_shipped_studies_are_valid_and_dry_run(path, capsys):
     assert yaml.safe_load(path.read_text())["study"] == path.stem
 
 
-def test_label_fraction_study_runs_24_trials_on_3_shared_pretrainings():
+def test_label_fraction_study_is_the_headline_protocol():
     spec = load_spec(EXPERIMENTS / "label_fraction.yaml")
     trials = [t.resolve(spec) for t in expand_trials(spec)]
-    assert sorted({t.finetune.label_fraction for t in trials}) == [0.1, 0.25, 0.5, 1.0]
-    assert {t.trial.method for t in trials} == {"supervised", "pretrained"}
-    assert sorted({t.trial.seed for t in trials}) == [0, 1, 2]
+    assert sorted({t.finetune.label_fraction for t in trials}) == [0.5, 1.0]
+    assert {t.trial.method for t in trials} == {"supervised", "supervised_matched", "pretrained"}
+    assert sorted({t.trial.seed for t in trials}) == list(range(10))  # issue #19: at least 10
     assert spec.model.preset == "nano" and spec.data.source == "synthetic"
-    assert len(trials) == 24
-    assert len(pretrain_shares(trials, "fingerprint")) == 3
+    assert spec.data.protocol == "hdmapnet" and spec.runtime.threads == 1
+    # Equal step budgets: every fraction fine-tunes for the same optimiser steps.
+    assert {(t.finetune.budget.unit, t.finetune.budget.value) for t in trials} == {("steps", 240)}
+    assert spec.compute_matched == "amortised"
+    assert len(trials) == 60
+    assert len(pretrain_shares(trials, "fingerprint")) == 10
 
 
 def test_a_wsd_length_grid_shares_one_trunk_per_seed_and_the_dry_run_says_what_it_saves(

@@ -11,7 +11,9 @@ Pure functions over one batch, and a meter that pools them over a split:
   exactly, and knew nothing else, would score; also on reached cells only;
 - perspective: BEV logits (the one-hot BEV labels, or a model's prediction) reprojected into
   the images as the loss samples them (``model.reprojection``), argmax, scored against the
-  pseudo-labels over the valid pixels.
+  pseudo-labels over the valid pixels;
+- chance: the expected mIoU of a uniformly random prediction on the same BEV labels
+  (``chance_miou``), the level a head that learned nothing scores.
 
 For the training core: ``reached_cells`` and ``update_reached_iou`` (a pretrained head's mIoU
 on the cells its supervision reaches), ``update_perspective_iou`` (a reprojected prediction
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 
 from model.cli import OneLineParser
 from model.geometry import BevGrid
-from model.metrics import ArgmaxIoU
+from model.metrics import HDMAPNET_EXCLUDED, ArgmaxIoU
 from model.names import MIOU, iou_name
 from model.reprojection import (
     IGNORE,
@@ -128,6 +130,21 @@ def update_perspective_iou(
     metric.update(logits, target.flatten(0, 1))
 
 
+def chance_miou(class_cells: Sequence[int], class_names: Sequence[str]) -> float:
+    """Expected mIoU (the classes ``ArgmaxIoU`` averages) of a prediction drawn uniformly from
+    the K classes, independently per cell, on labels with these per-class cell counts: for a
+    class of frequency f, intersection f / K and union f + 1 / K - f / K (shares of the cells)."""
+    total = sum(class_cells)
+    k = len(class_names)
+    ious = []
+    for name, cells in zip(class_names, class_cells, strict=True):
+        if name in HDMAPNET_EXCLUDED:
+            continue
+        f = cells / total if total else 0.0
+        ious.append((f / k) / (f + 1 / k - f / k))
+    return float(np.mean(ious)) if ious else math.nan
+
+
 class AlignmentMeter:
     """Reach, ceiling and perspective IoU of BEV labels against pseudo-labels, over a split."""
 
@@ -162,6 +179,7 @@ class AlignmentMeter:
 
     def compute(self) -> dict[str, float]:
         out = {"reach": self.reached / max(self.cells, 1)}
+        out["chance_" + MIOU] = chance_miou(self.class_cells.tolist(), self.class_names)
         for c, name in enumerate(self.class_names):
             cells = int(self.class_cells[c])
             out[f"reach_{name}"] = int(self.class_reached[c]) / cells if cells else math.nan
