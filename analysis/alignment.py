@@ -20,6 +20,7 @@ STATISTICS = (
     ("ceiling_mIoU", "pseudo-labels splatted into BEV vs BEV labels (all cells)"),
     ("ceiling_reached_mIoU", "the same, on reached cells only"),
     ("perspective_mIoU", "BEV labels reprojected vs pseudo-labels (image pixels)"),
+    ("chance_mIoU", "a uniformly random prediction vs BEV labels (expected, all cells)"),
     ("head_mIoU", "pretrained head vs BEV labels (all cells: pretrain/val_mIoU)"),
     ("head_reached_mIoU", "pretrained head vs BEV labels, reached cells only"),
     ("head_perspective_mIoU", "pretrained head reprojected vs pseudo-labels"),

@@ -206,6 +206,7 @@ def test_cli_prints_the_diagnostics_of_a_dataroot(tiny_root, tmp_path, capsys, s
     assert values["ceiling_mIoU"] <= values["ceiling_reached_mIoU"]
     code, table, _ = run_cli(capsys, *argv, "--cache-dir", tmp_path, "--quiet")
     assert code == 0 and "perspective IoU" in table and "reach" in table
+    assert f"{'chance mIoU':18s}{values['chance_mIoU']:8.3f}" in table
 
 
 @pytest.mark.parametrize(
@@ -221,6 +222,7 @@ def test_cli_prints_the_diagnostics_of_a_dataroot(tiny_root, tmp_path, capsys, s
         (["--protocol", "fine"], "--protocol"),
         (["--source", "paint"], "--source"),
         (["--labeler", "mask2former"], "--labeler"),
+        (["--checkpoint", "{missing}"], "--checkpoint"),
     ],
     ids=str,
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.checkpoint import load_checkpoint
 from model.config import DataConfig, PretrainConfig, RuntimeConfig
 from model.data.alignment import diagnose
 from model.diagnostics import PREFIX, checkpoint_alignment
@@ -58,3 +59,35 @@ def test_a_multilabel_protocol_has_no_alignment(pretraining):
     data, cfg, checkpoint = pretraining
     assert checkpoint_alignment(data.model_copy(update={"protocol": "fine"}), checkpoint, cfg,
                                 CPU) == {}  # fmt: skip
+
+
+def test_the_dataroot_command_scores_a_checkpoints_head_under_either_label_source(
+    pretraining, capsys, tmp_path
+):
+    import json
+
+    from model.data.alignment import main
+    from model.train import evaluate_checkpoint
+
+    data, cfg, trained = pretraining
+    # A head that predicts divider everywhere scores the share of divider cells, which the map
+    # and the paint labels do not share (the pretrained fixture's head predicts background).
+    state = load_checkpoint(trained)
+    state["model"]["head.classifier.bias"] = torch.tensor([0.0, 1e4, 0.0, 0.0])
+    checkpoint = tmp_path / "divider.pt"
+    torch.save(state, checkpoint)
+    scored = {}
+    for source in ("map", "paint"):
+        argv = ["--dataroot", str(data.root), "--cache-dir", data.cache_dir, "--source", source,
+                "--stride", "2", "--checkpoint", str(checkpoint), "--quiet"]  # fmt: skip
+        assert main([*argv, "--json"]) == 0
+        head = json.loads(capsys.readouterr().out)["checkpoints"][str(checkpoint)]
+        labels = data.model_copy(update={"bev_label_source": source})
+        direct = checkpoint_alignment(labels, checkpoint, cfg, CPU)
+        assert head["head_mIoU"] == evaluate_checkpoint(labels, checkpoint, runtime=CPU)["val/mIoU"]
+        scored[source] = head["head_mIoU"]
+        for key in ("head_reached_mIoU", "head_perspective_mIoU"):
+            assert head[key] == pytest.approx(direct[PREFIX + key]), (source, key)
+        assert main(argv) == 0
+        assert f"head mIoU {head['head_mIoU']:.3f}, on reached cells" in capsys.readouterr().out
+    assert scored["map"] != scored["paint"]

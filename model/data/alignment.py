@@ -22,6 +22,12 @@ classes).
 
     python -m model.data.alignment --dataroot DIR [--version v1.0-mini] [--protocol hdmapnet]
         [--source map|paint] [--resolution 0.5] [--image-size H W] [--stride 1] [--split val]
+        [--checkpoint PRETRAIN.pt ...]
+
+``--checkpoint`` adds, per pretraining checkpoint, its head scored against these labels (all
+cells, reached cells, reprojected against the pseudo-labels), e.g. a study's pretrainings under
+``--source paint`` although they were scored on map labels when they ran (the weights do not
+depend on the label source). The checkpoint's own grid, stride and history setting are used.
 """
 
 from __future__ import annotations
@@ -298,6 +304,14 @@ def _parser() -> OneLineParser:
         help="pseudo-labels (default: synthetic for a synthetic dataroot, else mask2former)",
     )
     add("--cache-dir", type=Path, default=None, help="BEV label cache (model.data's default)")
+    add(
+        "--checkpoint",
+        type=Path,
+        nargs="+",
+        default=(),
+        metavar="PT",
+        help="pretraining checkpoints whose head to score against these labels",
+    )
     add("--json", action="store_true", help="print one JSON object instead of a table")
     add("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -317,6 +331,9 @@ def _checked_inputs(parser: OneLineParser, args: argparse.Namespace):
     if not root.is_dir():
         what = "not a directory" if root.exists() else "directory does not exist"
         parser.error(f"--dataroot {root}: {what}")
+    for checkpoint in args.checkpoint:
+        if not checkpoint.is_file():
+            parser.error(f"--checkpoint {checkpoint}: no such file")
     if args.cache_dir is not None and args.cache_dir.exists() and not args.cache_dir.is_dir():
         parser.error(f"--cache-dir {args.cache_dir}: not a directory")
     if not (root / args.version).is_dir():
@@ -354,6 +371,33 @@ def _checked_inputs(parser: OneLineParser, args: argparse.Namespace):
     return root, cfg, labeler
 
 
+def score_checkpoint(
+    checkpoint: Path, root: Path, args: argparse.Namespace, labeler: str
+) -> dict[str, float]:
+    """A pretraining head against the labels the flags describe: ``head_mIoU`` (all cells, as
+    ``pretrain/val_mIoU``), ``head_reached_mIoU`` and ``head_perspective_mIoU``
+    (``model.diagnostics``), with the checkpoint's own grid, stride and history setting."""
+    from model.checkpoint import load_checkpoint
+    from model.config import DataConfig, PretrainConfig, RuntimeConfig
+    from model.diagnostics import PREFIX, checkpoint_alignment
+    from model.train import evaluate_checkpoint
+
+    pre = PretrainConfig.model_validate(load_checkpoint(checkpoint)["phase_cfg"])
+    data = DataConfig(
+        source="synthetic" if (root / "synthetic.json").is_file() else "nuscenes",
+        dataroot=str(root), version=args.version, protocol=args.protocol,
+        bev_label_source=args.source, pseudo_labels=labeler, val_split=args.split,
+        cache_dir=None if args.cache_dir is None else str(args.cache_dir),
+    )  # fmt: skip
+    runtime = RuntimeConfig(device="cpu", progress=False)
+    head = evaluate_checkpoint(data, checkpoint, pre.batch_size, pre.use_history, runtime)
+    align = checkpoint_alignment(data, checkpoint, pre, runtime)
+    return {
+        "head_" + MIOU: next(v for k, v in head.items() if k.endswith("/" + MIOU)),
+        **{k: align[PREFIX + k] for k in ("head_reached_" + MIOU, "head_perspective_" + MIOU)},
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -362,6 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         root, args.version, args.split, cfg, tuple(args.image_size), args.stride, labeler,
         args.cache_dir, progress=not args.quiet,
     )  # fmt: skip
+    if args.checkpoint:
+        out["checkpoints"] = {
+            str(c): score_checkpoint(c, root, args, labeler) for c in args.checkpoint
+        }
     if args.json:
         print(json.dumps(out, sort_keys=True))
         return 0
@@ -381,7 +429,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{prefix + ' IoU':18s}{out[f'{prefix}_{MIOU}']:8.3f}"
             + "".join(f"{v:14.3f}" for v in ious)
         )
+    print(f"{'chance mIoU':18s}{out[f'chance_{MIOU}']:8.3f}  (a uniformly random prediction)")
     print("(all: the share of every cell for reach; mIoU over the non-background classes for IoU)")
+    heads = out.get("checkpoints", {})
+    for path, head in heads.items():
+        print(
+            f"head mIoU {head['head_' + MIOU]:.3f}, on reached cells "
+            f"{head['head_reached_' + MIOU]:.3f}, reprojected vs pseudo-labels "
+            f"{head['head_perspective_' + MIOU]:.3f}: {path}"
+        )
+    if len(heads) > 1:
+        values = [h["head_" + MIOU] for h in heads.values()]
+        above = sum(v > out[f"chance_{MIOU}"] for v in values)
+        print(
+            f"head mIoU over {len(values)} checkpoints: mean {np.mean(values):.3f}, min "
+            f"{min(values):.3f}, max {max(values):.3f}; above chance in {above} of {len(values)}"
+        )
     return 0
 
 
