@@ -338,19 +338,32 @@ def _can_restore(ray_path: Path) -> bool:
 
 
 def start_ray(address: str | None) -> None:
-    """Connect to the cluster at ``address``, or start a local Ray bound to loopback only.
+    """Connect to the cluster at ``address``, or start a local Ray that listens on loopback only.
 
-    Local mode passes ``_node_ip_address="127.0.0.1"``: Ray binds its GCS, raylet, object
-    manager and worker ports to the node IP, so nothing listens on other interfaces; the
-    dashboard stays off. A cluster is an explicit opt-in (``--address``; docs/scaling.md).
+    Ray's GCS, raylet (node manager, object manager), runtime-env agent and every worker's gRPC
+    server bind 127.0.0.1 only when the node address is exactly 127.0.0.1; any other address
+    makes them bind every interface (``::``). Ray 2.60's ``ray.init`` rewrites a loopback
+    ``_node_ip_address`` to the machine's routable address (``services.resolve_ip_for_localhost``)
+    unless ``ray_constants.ENABLE_RAY_CLUSTER`` is false, Ray's own local-only mode (the default
+    on macOS and Windows, env ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``). The env var is read when
+    ``ray`` is first imported, long before this, so the flag is lowered for ``ray.init`` alone;
+    once the node exists Ray asks it for the address. The dashboard stays off.
+    ``test_a_local_sweep_listens_on_loopback_only`` reads the sockets. A cluster is an explicit
+    opt-in (``--address``; docs/scaling.md).
     """
     import ray
+    from ray._private import ray_constants
 
     options = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, ignore_reinit_error=True, **options)
-    else:
+        return
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
         ray.init(address="local", _node_ip_address="127.0.0.1", **options)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
 
 
 def prepare_data(spec: Spec, storage: Path) -> tuple[Path, str]:

@@ -229,16 +229,21 @@ def test_an_address_that_does_not_answer_fails_in_seconds_before_any_mlflow_run(
 # --- loopback only -------------------------------------------------------------------------------
 
 
-def _group_pids(pgid: int) -> list[int]:
-    pids = []
+def _process_tree(root: int) -> list[int]:
+    """`root` and its descendants: Ray's workers (trials) sit in process groups of their own."""
+    children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # fields after the command: state, ppid, pgrp, ...
-            pids.append(int(stat.parent.name))
-    return pids
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))  # state, ppid, ...
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
 
 
 def _listening(pids: list[int]) -> list[tuple[int, str, int]]:
@@ -274,18 +279,12 @@ def _loopback(address: str) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="Ray 2.60 with _node_ip_address=127.0.0.1 still binds its raylet / GCS / worker gRPC "
-    "servers on '::' (measured 2026-12-02: four sockets on ::, one worker on the machine's "
-    "address); not fixed yet (issue #16)",
-)
 def test_a_local_sweep_listens_on_loopback_only(tmp_path):
     sweep = write_study(tmp_path, "loopback", **TINY)
     proc = start(sweep)
     try:
         wait_until(proc, lambda: runs(sweep, "trial"), "a trial run")
-        sockets = _listening(_group_pids(proc.pid))
+        sockets = _listening(_process_tree(proc.pid))
     finally:
         _kill_group(proc)
         proc.wait(timeout=60)
