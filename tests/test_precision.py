@@ -159,7 +159,10 @@ def test_channels_last_alone_keeps_the_loss_curve_of_nchw(float32_nchw_losses, t
 
 def test_fused_adamw_alone_keeps_the_loss_curve_of_plain_adamw(float32_nchw_losses, tmp_path):
     gap = relative_gap(train_losses(tmp_path, fused=True)[0], float32_nchw_losses)
-    assert gap.max() <= 1e-6
+    # Rounding only: the fused kernel orders its float32 arithmetic differently, and 20 steps
+    # carry that forward (measured: at most 1e-7 on an AMD EPYC, 5.0e-6 on an Intel Xeon with
+    # AMX). A changed update rule (lr, betas, weight decay) moves the curve by far more.
+    assert gap.max() <= 2e-5
 
 
 def test_runtime_switches_are_on_by_default_and_record_what_they_do_here():
