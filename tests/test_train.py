@@ -19,8 +19,9 @@ from model.config import (
     PretrainConfig,
     RuntimeConfig,
 )
+from model.data.alignment import chance_miou as alignment_chance_miou
 from model.data.dataset import NuScenesBevDataset, make_loader, split_scenes
-from model.data.labels import LabelConfig
+from model.data.labels import HDMAPNET_CLASSES, LabelConfig
 from model.data.subsets import label_subset
 from model.loop import evaluate, lr_factor
 from model.losses import NonFiniteLossError
@@ -94,15 +95,14 @@ def bev_dataset(root, cache_dir, split: str, scenes=None, protocol="hdmapnet"):
                               cache_dir=cache_dir, progress=False)  # fmt: skip
 
 
-def chance_miou(dataset, num_classes: int = 4) -> float:
-    """Foreground mIoU expected of a uniformly random prediction on these labels: per class
-    of frequency f, intersection f / K and union f + 1 / K - f / K."""
-    counts = torch.zeros(num_classes)
+def chance_miou(dataset) -> float:
+    """Foreground mIoU expected of a uniformly random prediction on these labels
+    (model.data.alignment.chance_miou over the dataset's class counts)."""
+    names = list(HDMAPNET_CLASSES)
+    counts = torch.zeros(len(names), dtype=torch.int64)
     for i in range(len(dataset)):
-        counts += torch.bincount(dataset[i]["bev_label"].flatten(), minlength=num_classes)
-    freq = counts / counts.sum()
-    k = num_classes
-    return float(np.mean([(f / k) / (f + 1 / k - f / k) for f in freq[1:].tolist()]))
+        counts += torch.bincount(dataset[i]["bev_label"].flatten(), minlength=len(names))
+    return alignment_chance_miou(counts.tolist(), names)
 
 
 # --- learning ------------------------------------------------------------------------------------
