@@ -100,12 +100,15 @@ def missing_pseudo_labels(spec: Spec, dataroot: Path, version: str) -> str | Non
 
 
 def check_dir(path: Path, where: str, create: bool = False) -> None:
-    """`path` is a directory (or, with `create`, can be made one: its nearest existing
-    ancestor is a directory)."""
+    """`path` is a directory (or, with `create`, can be made one and written: its nearest
+    existing ancestor is a directory this process can write, which a read-only mount is not,
+    even for root)."""
     for existing in (path, *path.parents) if create else (path,):
         if existing.exists():
             if not existing.is_dir():
                 raise SpecError(f"{where}: {existing} is a file, not a directory")
+            if create and not os.access(existing, os.W_OK | os.X_OK):
+                raise SpecError(f"{where}: {existing} is read-only")
             return
         if not create:
             raise SpecError(f"{where}: directory {path} does not exist")

@@ -17,6 +17,7 @@ pretraining cache and, by default, the MLflow SQLite store. docs/harness.md has 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -332,9 +333,25 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
 
 
 def _can_restore(ray_path: Path) -> bool:
+    """Ray Tune saved a state to continue from. Tune writes `experiment_state-*.json` in place,
+    so a full disk or a crash can leave it truncated: such a file is set aside (with a warning)
+    and the experiment starts afresh, as after a kill before Tune's first save. Its trials reopen
+    their MLflow runs by tag; trials that had finished run again."""
     from ray import tune
 
-    return tune.Tuner.can_restore(str(ray_path))
+    for path in sorted(ray_path.glob("experiment_state*.json")):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            aside = path.with_name(f"{path.name}.corrupt")
+            path.rename(aside)
+            log.warning(
+                "%s is not readable (%s), set aside as %s: the sweep's trials start afresh",
+                path, exc, aside.name,
+            )  # fmt: skip
+    # Tuner.can_restore looks for Tune's tuner.pkl only; restoring needs a state file too.
+    states = list(ray_path.glob("experiment_state*.json"))
+    return bool(states) and tune.Tuner.can_restore(str(ray_path))
 
 
 def start_ray(address: str | None) -> None:
@@ -487,6 +504,7 @@ def build_tuner(
             search_alg=search_alg,
             num_samples=num_samples,
             max_concurrent_trials=spec.max_concurrent,
+            reuse_actors=spec.ray.reuse_workers,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_dirname,
         ),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness import cache, console
+from harness import cache, console, lifetime
 from harness.spec import Spec, stable_hash
 from harness.tracking import Tracker, error_text, flatten
 from harness.trials import ResolvedTrial, Trial
@@ -64,6 +64,7 @@ class Pretraining:
 
 def run_trial(config: dict, context: SweepContext) -> None:
     """Ray Tune function trainable: run one trial and report each fine-tuning epoch."""
+    lifetime.die_with_parent()  # a killed sweep's worker writes nothing more
     console.quiet_worker_loggers()
     trial = Trial.from_dict(config["trial"])
     resolved = trial.resolve(Spec.model_validate(context.spec))

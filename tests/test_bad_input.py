@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from conftest import tmpfs
 from test_analysis_store import build_store
 
 
@@ -527,3 +528,38 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(outcomes, case):
 
 def test_the_table_has_unique_ids():
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """An empty folder this process cannot write: a read-only tmpfs for root (whom permission
+    bits do not stop), mode 0555 for anyone else."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    with tmpfs(folder, "ro,size=1m"):
+        yield folder
+
+
+@pytest.mark.parametrize("where", ["the folder itself", "a folder inside it"])
+def test_a_read_only_study_folder_exits_2_naming_storage_path(
+    tmp_path, synthetic_root, read_only, where
+):
+    storage = read_only if where == "the folder itself" else read_only / "study"
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(SWEEP_SPEC)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.sweep", str(spec), "--set",
+         f"data.dataroot={synthetic_root}", "--set", f"storage_path={storage}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=os.environ | {"BEVLABELS_CACHE_DIR": str(tmp_path / "cache")},
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{spec}: storage_path: {read_only} is read-only" in lines[0], lines[0]
+    assert not list(read_only.iterdir())

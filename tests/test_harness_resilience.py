@@ -7,6 +7,7 @@ decides when to kill by watching the state file and MLflow, never by sleeping a 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tmpfs
 from test_harness_sweep import (
     SWEEP_TIMEOUT_S,
     Sweep,
@@ -215,6 +217,53 @@ def test_kill_9_at_any_point_then_resume_loses_reruns_and_duplicates_nothing(
     assert 0 < parent.data.metrics["sweep/overhead_share"] < 1
 
 
+def _last_write_ms(sweep: Sweep) -> int:
+    """The newest timestamp (ms) of any metric or run end in the study's store."""
+    with sqlite3.connect(sweep.storage / "mlflow.db", timeout=5) as con:
+        (metric,) = con.execute("SELECT COALESCE(MAX(timestamp), 0) FROM metrics").fetchone()
+        (ended,) = con.execute("SELECT COALESCE(MAX(end_time), 0) FROM runs").fetchone()
+    return max(metric, ended)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_after_kill_9_of_the_sweep_its_trial_workers_are_gone_and_write_nothing(tmp_path):
+    # The driver's process group holds the raylet; each trial's worker sits in a group of its own.
+    sweep = write_study(tmp_path, "stray", **{**TINY, "mlflow": {"system_metrics": False}})
+    proc, workers = start(sweep), []
+    try:
+        wait_until(proc, lambda: _in_finetuning(sweep), "a fine-tuning trial")
+        workers = [p for p in _process_tree(proc.pid) if "ImplicitFunc" in _cmdline(p)]
+        assert workers, "found no process running a trial"
+        os.killpg(proc.pid, signal.SIGKILL)
+        killed_ms = time.time() * 1000
+        proc.wait(timeout=30)
+        time.sleep(0.5)
+        alive = [p for p in workers if _alive(p)]
+        time.sleep(3)  # what a stray worker would write, it writes in this time
+    finally:
+        _kill_group(proc)
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    assert not alive, f"trial workers still alive 0.5 s after the sweep was killed: {alive}"
+    late = _last_write_ms(sweep) - killed_ms
+    assert late < 200, f"the store was written {late:.0f} ms after the kill"
+
+
 def test_an_address_that_does_not_answer_fails_in_seconds_before_any_mlflow_run(tmp_path):
     sweep = write_study(tmp_path, "nowhere", **TINY)
     started = time.monotonic()
@@ -291,3 +340,65 @@ def test_a_local_sweep_listens_on_loopback_only(tmp_path):
     assert sockets, "found no listening socket of the sweep's processes"
     exposed = [s for s in sockets if not _loopback(s[1])]
     assert not exposed, f"listening beyond loopback (pid, address, port): {exposed}"
+
+
+# --- a full disk -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 192 MiB tmpfs at tmp_path/disk (mounting needs root or CAP_SYS_ADMIN: skipped without)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    with tmpfs(disk, "size=192m"):
+        yield disk
+
+
+def _fill(folder: Path) -> Path:
+    """Write zeros into `folder` until its filesystem is full; returns the filler file."""
+    filler = folder / "filler"
+    chunk = b"\0" * (1 << 20)
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_finetuning_leaves_nothing_running_and_resume_finishes(
+    tmp_path, small_disk
+):
+    # The study folder (data, checkpoints, Ray's state, artifacts) on the small disk, the MLflow
+    # store beside it: what the sweep can still write to, it must leave consistent.
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking = {"system_metrics": False, "tracking_uri": store}
+    sweep = write_study(small_disk, "diskfull", **{**TINY, "mlflow": tracking})
+    sweep.tracking_uri = store
+    in_finetuning = lambda: any(  # noqa: E731
+        r.info.status == "RUNNING" and "val/mIoU" in r.data.metrics for r in sweep.runs("trial")
+    )
+    proc = start(sweep)
+    try:
+        wait_until(proc, in_finetuning, "a fine-tuning trial")
+        filler = _fill(small_disk)
+        _, err = proc.communicate(timeout=SWEEP_TIMEOUT_S)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode not in (0, 2, 130), err[-4000:]
+    statuses = {r.info.status for role in ("sweep", "pretrain", "trial") for r in sweep.runs(role)}
+    assert "RUNNING" not in statuses, statuses
+    (parent,) = sweep.runs("sweep")
+    assert parent.info.status == "FAILED"
+
+    filler.unlink()  # the user frees space, then resumes the same sweep
+    assert_ok(run_sweep(sweep, "--resume"))
+    (again,) = sweep.runs("sweep")
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    trials = sweep.runs("trial")
+    assert len(trials) == len({r.data.tags["bev.trial_id"] for r in trials}) == 2
+    assert {r.info.status for role in ("sweep", "pretrain", "trial") for r in sweep.runs(role)} == {
+        "FINISHED"
+    }
