@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "sweep_state.json"
 STATE_KEYS = ("ray_path", "tracking_uri", "experiment")  # what a resume needs
+# The driver's main thread and its SweepClock both read-modify-write the state file.
+_STATE_LOCK = threading.Lock()
 
 
 def trial_of(trial) -> Trial:
@@ -75,15 +78,16 @@ def begin_state(path: Path, previous: dict | None, ray_path: Path, **fields) -> 
     state.setdefault("sweep_run_id", None)  # set once the parent MLflow run exists
     state.setdefault("started", time.strftime("%Y-%m-%d %H:%M:%S"))
     state.update(fields, status="running")
-    # Wall time of every process that ran this sweep (a resume adds one): the clock callback
-    # keeps the last one current, so a kill -9 loses at most a second.
+    # Wall time of every process that ran this sweep (a resume adds one): SweepClock keeps the
+    # last one current, so a kill -9 loses at most a second.
     state["segments_s"] = [*state.get("segments_s", []), process_age_s()]
     write_state(path, state)
     return state
 
 
 def update_state(path: Path, **fields) -> None:
-    write_state(path, {**(read_state(path) or {}), **fields})
+    with _STATE_LOCK:
+        write_state(path, {**(read_state(path) or {}), **fields})
 
 
 def stop_like_ctrl_c() -> None:
@@ -194,25 +198,35 @@ class SweepCallback(_TuneCallback):
         self._tracker.finish(run.info.run_id, "FINISHED")
 
 
-class SweepClock(_TuneCallback):
-    """Keeps this process's wall-time segment in the state file current (at most once a
-    second), so the sweep's total wall time survives a kill -9 to within a second."""
+class SweepClock:
+    """Keeps this process's wall-time segment in the state file current, once a second, from a
+    daemon thread: the sweep's total wall time survives a kill -9 at any point (dataset
+    generation and pseudo-labels included) to within a second. `start()` it after `begin_state`
+    and `stop()` it before `close_sweep`."""
 
-    def __init__(self, state_path: str):
-        self.state_path = state_path
-        self._last = 0.0
+    def __init__(self, state_path: Path, period_s: float = 1.0):
+        self.state_path, self.period_s = state_path, period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="sweep-clock", daemon=True)
 
-    def __getstate__(self) -> dict:
-        return {"state_path": self.state_path}
+    def start(self) -> SweepClock:
+        self._thread.start()
+        return self
 
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["state_path"])
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
-    def on_step(self, iteration, trials, **info) -> None:
-        now = time.monotonic()
-        if now - self._last >= 1.0:
-            self._last = now
-            record_segment(Path(self.state_path), process_age_s())
+    def _tick(self) -> None:
+        failing = False
+        while not self._stop.wait(self.period_s):
+            try:
+                record_segment(self.state_path, process_age_s())
+                failing = False
+            except OSError as exc:  # a full disk: said once, retried next tick
+                if not failing:
+                    log.warning("cannot update %s: %s", self.state_path, exc)
+                failing = True
 
 
 def _trial_error(trial) -> str:
@@ -305,10 +319,11 @@ def process_age_s() -> float:
 
 def record_segment(state_path: Path, elapsed_s: float) -> list[float]:
     """Set this process's segment of the sweep's wall time; returns all segments."""
-    state = read_state(state_path) or {}
-    segments = list(state.get("segments_s") or [0.0])
-    segments[-1] = elapsed_s
-    state["segments_s"] = segments
-    if state.get("ray_path"):
-        write_state(state_path, state)
+    with _STATE_LOCK:
+        state = read_state(state_path) or {}
+        segments = list(state.get("segments_s") or [0.0])
+        segments[-1] = elapsed_s
+        state["segments_s"] = segments
+        if state.get("ray_path"):
+            write_state(state_path, state)
     return segments

@@ -260,6 +260,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
         log.warning("the spec changed since the sweep started; resuming with the stored trials")
     planned = spec.optuna.num_samples if spec.optuna else len(trials)
     slots, status, complete, outcome, tracker = 1, "KILLED", False, SweepOutcome(planned), None
+    clock = SweepClock(state_path).start()
     try:
         dataroot, version = prepare_data(spec, storage)
         if "pretrained" in spec.methods:
@@ -315,6 +316,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
         status = "FAILED"  # a full disk, a store gone: nothing is left RUNNING
         raise
     finally:
+        clock.stop()
         wall_s = close_sweep(state_path, tracker, sweep_run_id, status, outcome, slots, complete)
         ray.shutdown()
     log.info(
@@ -339,9 +341,11 @@ def _can_restore(ray_path: Path) -> bool:
     their MLflow runs by tag; trials that had finished run again."""
     from ray import tune
 
-    for path in sorted(ray_path.glob("experiment_state*.json")):
+    states = []
+    for path in ray_path.glob("experiment_state*.json"):
         try:
             json.loads(path.read_text())
+            states.append(path)
         except (OSError, ValueError) as exc:
             aside = path.with_name(f"{path.name}.corrupt")
             path.rename(aside)
@@ -350,7 +354,6 @@ def _can_restore(ray_path: Path) -> bool:
                 path, exc, aside.name,
             )  # fmt: skip
     # Tuner.can_restore looks for Tune's tuner.pkl only; restoring needs a state file too.
-    states = list(ray_path.glob("experiment_state*.json"))
     return bool(states) and tune.Tuner.can_restore(str(ray_path))
 
 
@@ -515,7 +518,6 @@ def build_tuner(
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[
                 SweepCallback(str(ray_path.parent.parent / STATE_FILE)),
-                SweepClock(str(ray_path.parent.parent / STATE_FILE)),
                 # What ExperimentAnalysis reads; no TensorBoard files (MLflow has the metrics).
                 CSVLoggerCallback(),
                 JsonLoggerCallback(),

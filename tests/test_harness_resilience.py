@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import tmpfs
 from test_harness_sweep import (
@@ -67,19 +68,27 @@ def state(sweep: Sweep) -> dict:
         return {}
 
 
+def store(sweep: Sweep) -> Path:
+    """The sweep's SQLite MLflow store (in the study folder unless its spec names another)."""
+    return Path(sweep.tracking_uri.removeprefix("sqlite:///"))
+
+
+def read_store(sweep: Sweep, query: str, *params) -> list[tuple]:
+    """Rows of a query on the sweep's store, opened read-only (polling must never create the
+    file before the sweep does); no rows while it does not exist or is locked."""
+    try:
+        with sqlite3.connect(f"file:{store(sweep)}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute(query, params).fetchall()
+    except sqlite3.Error:
+        return []
+
+
 def runs(sweep: Sweep, role: str | None = None) -> list[tuple[str, str]]:
     """(run_uuid, status) of the study's runs with `role` (all roles: None), from SQLite."""
-    db = sweep.storage / "mlflow.db"
-    if not db.exists():
-        return []
     query = "SELECT r.run_uuid, r.status FROM runs r"
     if role:
         query += " JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'bev.role' AND t.value = ?"
-    try:
-        with sqlite3.connect(db, timeout=1) as con:
-            return con.execute(query, (role,) if role else ()).fetchall()
-    except sqlite3.Error:
-        return []
+    return read_store(sweep, query, *((role,) if role else ()))
 
 
 def error_line(proc) -> str:
@@ -157,22 +166,27 @@ def _in_pretraining(sweep: Sweep) -> bool:
 
 
 def _in_finetuning(sweep: Sweep) -> bool:
-    db = sweep.storage / "mlflow.db"
-    try:
-        with sqlite3.connect(db, timeout=1) as con:
-            return bool(
-                con.execute(
-                    """SELECT 1 FROM runs r JOIN metrics m ON m.run_uuid = r.run_uuid
-                       WHERE r.status = 'RUNNING' AND m.key = 'val/mIoU'"""
-                ).fetchall()
-            )
-    except sqlite3.Error:
+    return bool(
+        read_store(
+            sweep,
+            """SELECT 1 FROM runs r JOIN metrics m ON m.run_uuid = r.run_uuid
+               WHERE r.status = 'RUNNING' AND m.key = 'val/mIoU'""",
+        )
+    )
+
+
+def _generating(sweep: Sweep) -> bool:
+    """The state exists, the parent run does not yet, and the dataset has been generating for a
+    second and a half (long enough that a clock written only at the start would be off by it)."""
+    if not state(sweep) or state(sweep).get("sweep_run_id"):
         return False
+    work = [p for p in (sweep.storage / "data").glob("*") if p.is_dir()]
+    return bool(work) and time.time() - min(p.stat().st_mtime for p in work) >= 1.5
 
 
 KILL_POINTS = {
     # The state exists, the parent MLflow run does not yet: the dataset is being generated.
-    "dataset-generation": lambda s: state(s) and not state(s).get("sweep_run_id"),
+    "dataset-generation": _generating,
     # The parent run exists, Ray Tune has not saved its experiment state yet.
     "before-ray-tune-state": lambda s: state(s).get("sweep_run_id") and not _ray_saved(s),
     "mid-pretraining": _in_pretraining,
@@ -188,9 +202,11 @@ def test_kill_9_at_any_point_then_resume_loses_reruns_and_duplicates_nothing(
 ):
     sweep = write_study(tmp_path, "killed", **TINY)
     proc = start(sweep)
+    born = psutil.Process(proc.pid).create_time()
     try:
         wait_until(proc, lambda: KILL_POINTS[point](sweep), point)
         os.killpg(proc.pid, signal.SIGKILL)
+        killed_after_s = time.time() - born
         proc.wait(timeout=30)
     finally:
         _kill_group(proc)
@@ -210,16 +226,18 @@ def test_kill_9_at_any_point_then_resume_loses_reruns_and_duplicates_nothing(
         if run.info.run_id in finished_before:
             assert steps == [1, 2], "a finished trial ran again"
     assert final_miou(sweep) == pytest.approx(uninterrupted, abs=1e-6)
-    # Honest clocks: the wall is the sum of both processes' segments.
+    # Honest clocks: the wall is the sum of both processes' segments, and the killed process's
+    # segment is its wall up to the kill, to the second.
     segments = state(sweep)["segments_s"]
     assert len(segments) == 2 and parent.data.metrics["sweep/segments"] == 2
+    assert segments[0] == pytest.approx(killed_after_s, abs=1.5)
     assert parent.data.metrics["sweep/wall_s"] == pytest.approx(sum(segments), abs=2.0)
     assert 0 < parent.data.metrics["sweep/overhead_share"] < 1
 
 
 def _last_write_ms(sweep: Sweep) -> int:
     """The newest timestamp (ms) of any metric or run end in the study's store."""
-    with sqlite3.connect(sweep.storage / "mlflow.db", timeout=5) as con:
+    with sqlite3.connect(store(sweep), timeout=5) as con:
         (metric,) = con.execute("SELECT COALESCE(MAX(timestamp), 0) FROM metrics").fetchone()
         (ended,) = con.execute("SELECT COALESCE(MAX(end_time), 0) FROM runs").fetchone()
     return max(metric, ended)
@@ -373,22 +391,19 @@ def test_a_full_disk_mid_finetuning_leaves_nothing_running_and_resume_finishes(
 ):
     # The study folder (data, checkpoints, Ray's state, artifacts) on the small disk, the MLflow
     # store beside it: what the sweep can still write to, it must leave consistent.
-    store = f"sqlite:///{tmp_path}/mlflow.db"
-    tracking = {"system_metrics": False, "tracking_uri": store}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking = {"system_metrics": False, "tracking_uri": uri}
     sweep = write_study(small_disk, "diskfull", **{**TINY, "mlflow": tracking})
-    sweep.tracking_uri = store
-    in_finetuning = lambda: any(  # noqa: E731
-        r.info.status == "RUNNING" and "val/mIoU" in r.data.metrics for r in sweep.runs("trial")
-    )
+    sweep.tracking_uri = uri
     proc = start(sweep)
     try:
-        wait_until(proc, in_finetuning, "a fine-tuning trial")
+        wait_until(proc, lambda: _in_finetuning(sweep), "a fine-tuning trial")
         filler = _fill(small_disk)
         _, err = proc.communicate(timeout=SWEEP_TIMEOUT_S)
     finally:
         _kill_group(proc)
     assert proc.returncode not in (0, 2, 130), err[-4000:]
-    statuses = {r.info.status for role in ("sweep", "pretrain", "trial") for r in sweep.runs(role)}
+    statuses = {s for _, s in runs(sweep)}
     assert "RUNNING" not in statuses, statuses
     (parent,) = sweep.runs("sweep")
     assert parent.info.status == "FAILED"
@@ -399,6 +414,4 @@ def test_a_full_disk_mid_finetuning_leaves_nothing_running_and_resume_finishes(
     assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
     trials = sweep.runs("trial")
     assert len(trials) == len({r.data.tags["bev.trial_id"] for r in trials}) == 2
-    assert {r.info.status for role in ("sweep", "pretrain", "trial") for r in sweep.runs(role)} == {
-        "FINISHED"
-    }
+    assert {s for _, s in runs(sweep)} == {"FINISHED"}
