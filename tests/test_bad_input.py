@@ -16,6 +16,8 @@ change. Each case runs in an empty working directory (with the label cache point
 which must stay empty.
 
 The cases run as real subprocesses, two at a time, each worker with its own copy of the folder.
+`BEVLABELS_BAD_INPUT_TABLE=cases.md python -m pytest tests/test_bad_input.py` also writes every
+case with the line it printed as a Markdown table.
 """
 
 from __future__ import annotations
@@ -509,7 +511,26 @@ def outcomes(tmp_path_factory, synthetic_root) -> dict[str, tuple[Outcome, dict[
             folders.put(folder)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip([c.id for c in CASES], pool.map(run, CASES), strict=True))
+        results = dict(zip([c.id for c in CASES], pool.map(run, CASES), strict=True))
+    if os.environ.get("BEVLABELS_BAD_INPUT_TABLE"):
+        write_table(Path(os.environ["BEVLABELS_BAD_INPUT_TABLE"]), results)
+    return results
+
+
+def write_table(path: Path, results: dict[str, tuple[Outcome, dict[str, str]]]) -> None:
+    """The table as Markdown, one row per case: its command and exit status and the line it
+    printed, with the study folder's paths put back as their placeholders (`{root}`, ...).
+    Asked for with BEVLABELS_BAD_INPUT_TABLE=<file>; the table's assertions stay in the test."""
+    rows = ["| case | command (`python -m ...`) | exit | stderr |", "|---|---|---|---|"]
+    for case in CASES:
+        outcome, where = results[case.id]
+        said = " / ".join(line for line in outcome.stderr.splitlines() if line.strip())
+        paths = {**where, "folder": str(Path(where["file"]).parent)}
+        for name, value in sorted(paths.items(), key=lambda kv: -len(kv[1])):
+            said = said.replace(value, f"{{{name}}}")
+        cells = [case.id, f"`{case.argv}`", str(outcome.returncode), said]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    path.write_text("\n".join(rows) + "\n")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
