@@ -158,8 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        log.warning("interrupted; resume with: python -m harness.sweep %s --resume", args.spec)
+        print_resume_hint(args.spec)
         return EXIT_INTERRUPTED
+
+
+def print_resume_hint(spec_path: str) -> None:
+    """On stderr at every loudness, `--quiet` included: an interrupted sweep's next command."""
+    hint = f"interrupted; resume with: python -m harness.sweep {spec_path} --resume"
+    print(hint, file=sys.stderr)
 
 
 # --- the plan ----------------------------------------------------------------------------------
@@ -328,7 +334,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
         wall_s,
     )
     if outcome.unfinished:
-        log.warning("resume with: python -m harness.sweep %s --resume", args.spec)
+        print_resume_hint(args.spec)
         return EXIT_INTERRUPTED
     print(console.summary_text(spec.experiment, plan.tracking_uri, tracker.experiment_id))
     return EXIT_TRIALS_FAILED if outcome.failed else EXIT_OK

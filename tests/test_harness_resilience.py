@@ -117,7 +117,7 @@ def test_sigterm_stops_like_ctrl_c_then_resume_finishes_and_a_finished_sweep_sta
     tmp_path,
 ):
     sweep = write_study(tmp_path, "terminated", **TINY)
-    proc = start(sweep)
+    proc = start(sweep, "--quiet")  # the resume hint is printed at every loudness
     try:
         wait_until(proc, lambda: runs(sweep, "trial"), "a trial run")
         # To the driver, as a job scheduler or `kill` sends it (to the whole group it would
@@ -127,7 +127,7 @@ def test_sigterm_stops_like_ctrl_c_then_resume_finishes_and_a_finished_sweep_sta
     finally:
         _kill_group(proc)
     assert proc.returncode == 130, err[-4000:]
-    assert "--resume" in err
+    assert f"resume with: python -m harness.sweep {sweep.spec_path} --resume" in err, err[-4000:]
     assert {s for _, s in runs(sweep)} <= {"FINISHED", "KILLED"}
 
     assert_ok(run_sweep(sweep, "--resume"))
