@@ -50,6 +50,10 @@ HARMLESS = {
 
 # Ray Train's "Checkpoint successfully created at: ..." after every epoch a trial reports.
 WORKER_INFO_LOGGERS = ("ray.train._internal.storage",)
+# ExperimentAnalysis's "Failed to fetch metrics for N trial(s)", one line per trial, twice, when
+# the driver reads an interrupted sweep: trials that never started have no results yet, and
+# SweepOutcome counts them unfinished.
+DRIVER_WARNING_LOGGERS = ("ray.tune.analysis.experiment_analysis",)
 LEVEL_VARIABLE = "BEVLABELS_CONSOLE"  # the level, for the trials of a local Ray
 
 REPORT_EVERY_S = 10.0  # at most one table per this many seconds, unless a trial ended
@@ -80,6 +84,8 @@ def configure(level: str) -> None:
     log.addHandler(handler)
     log.propagate = False
     log.setLevel(logging.ERROR if level == QUIET else logging.INFO)
+    for name in DRIVER_WARNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def quiet_worker_loggers() -> None:

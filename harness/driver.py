@@ -264,9 +264,6 @@ class SweepOutcome:
     def read(cls, planned: int, ray_path: Path, tracker: Tracker, sweep_run_id: str):
         from ray.tune import ExperimentAnalysis
 
-        # After an interruption, trials that never started have no results: Ray warns once per
-        # trial, twice; the outcome counts them as unfinished instead.
-        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         analysis = ExperimentAnalysis(str(ray_path))
         statuses = {t.trial_id: str(t.status) for t in analysis.trials}
         core = val = 0.0
