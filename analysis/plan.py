@@ -34,6 +34,7 @@ from analysis.stats import (
     paired_verdicts,
     seeds_needed,
 )
+from model.cli import stay_offline
 
 PROG = "python -m analysis.plan"
 DESCRIPTION = "Seeds needed for a paired comparison, from a pilot study's MLflow runs."
@@ -112,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    stay_offline()
     for noisy in ("mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     name = args.experiment

@@ -52,7 +52,7 @@ from analysis.stats import (
     summarise,
     time_to_target,
 )
-from model.cli import OneLineParser, int_at_least
+from model.cli import OneLineParser, int_at_least, stay_offline
 
 log = logging.getLogger(__name__)
 
@@ -671,6 +671,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    stay_offline()  # before MLflow is imported (the notebook's kernel inherits it too)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("mlflow", "alembic", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -24,6 +24,7 @@ import time
 from ray.tune import ProgressReporter
 
 from model import names
+from model.cli import stay_offline
 from model.names import PARENT, ROLE
 
 log = logging.getLogger("harness.console")
@@ -53,15 +54,23 @@ WORKER_INFO_LOGGERS = ("ray.train._internal.storage",)
 # ExperimentAnalysis's "Failed to fetch metrics for N trial(s)", one line per trial, twice, when
 # the driver reads an interrupted sweep: trials that never started have no results yet, and
 # SweepOutcome counts them unfinished.
-DRIVER_WARNING_LOGGERS = ("ray.tune.analysis.experiment_analysis",)
+# Ray 2.60's "Token authentication is enabled for this Ray cluster", at every local start: the
+# token is Ray's default (~/.ray/auth_token), and the local cluster listens on loopback only.
+DRIVER_WARNING_LOGGERS = (
+    "ray.tune.analysis.experiment_analysis",
+    "ray._private.authentication.authentication_token_setup",
+)
 LEVEL_VARIABLE = "BEVLABELS_CONSOLE"  # the level, for the trials of a local Ray
 
 REPORT_EVERY_S = 10.0  # at most one table per this many seconds, unless a trial ended
+PRETRAINING_POLL_S = 2.0  # how often the reporter asks MLflow which pretrainings run
 
 
 def configure(level: str) -> None:
-    """Logging and Ray's output switches for `level`; call before Ray and MLflow start."""
+    """Logging and Ray's output switches for `level`, and no telemetry (at every level); call
+    before Ray and MLflow start."""
     os.environ[LEVEL_VARIABLE] = level
+    stay_offline()
     if level == VERBOSE:
         logging.basicConfig(
             level=logging.DEBUG,
@@ -72,7 +81,7 @@ def configure(level: str) -> None:
     for key, value in HARMLESS.items():
         os.environ.setdefault(key, value)
     if level == QUIET:
-        os.environ.setdefault("TQDM_DISABLE", "1")  # the synthetic generator's bar
+        os.environ.setdefault("TQDM_DISABLE", "1")  # bars of child processes (read at import)
     logging.basicConfig(
         level=logging.ERROR if level == QUIET else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -156,7 +165,8 @@ class StudyReporter(ProgressReporter):
         self._state: tuple = ()
         self._ended: set[str] = set()
         self._pretraining: list[str] = []
-        self._last_time = 0.0
+        self._running: list[str] = []  # the pretrainings running at the last table
+        self._last_time = self._polled = 0.0
         self._start = time.time()
 
     def __getstate__(self) -> dict:
@@ -169,14 +179,18 @@ class StudyReporter(ProgressReporter):
         self._start = start_time or time.time()
 
     def should_report(self, trials, done: bool = False) -> bool:
-        """A table when a trial ends; otherwise at most every REPORT_EVERY_S, and only when a
-        trial started, reported an epoch, or a shared pretraining advanced."""
+        """A table when a trial ends or a shared pretraining starts or ends; otherwise at most
+        every REPORT_EVERY_S, and only when a trial started or reported an epoch, or a shared
+        pretraining advanced. (A pretraining shorter than REPORT_EVERY_S is still shown.)"""
         ended = {t.trial_id for t in trials if str(t.status) in ENDED}
         now = time.time()
-        if not done and ended == self._ended and now - self._last_time < REPORT_EVERY_S:
+        if done or now - self._polled >= PRETRAINING_POLL_S:
+            self._polled = now
+            self._pretraining = self.pretraining_lines()
+        running = [line.split(":")[0] for line in self._pretraining]
+        news = done or ended != self._ended or running != self._running
+        if not news and now - self._last_time < REPORT_EVERY_S:
             return False
-        self._last_time = now
-        self._pretraining = self.pretraining_lines()
         epochs = tuple(
             (t.trial_id, str(t.status), (t.last_result or {}).get("epoch")) for t in trials
         )
@@ -184,7 +198,7 @@ class StudyReporter(ProgressReporter):
         started = any(str(t.status) != "PENDING" for t in trials)
         if state == self._state or not started:
             return False
-        self._state = state
+        self._state, self._running, self._last_time = state, running, now
         return True
 
     def report(self, trials, done: bool, *sys_info: str) -> None:

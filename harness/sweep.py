@@ -53,7 +53,7 @@ from harness.tracking import (
     local_artifact_location,
     source_tags,
 )
-from harness.trial import SweepContext, run_trial
+from harness.trial import SweepContext, label_cache_dir, run_trial
 from harness.trials import (
     ResolvedTrial,
     Trial,
@@ -268,13 +268,14 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
     slots, status, complete, outcome, tracker = 1, "KILLED", False, SweepOutcome(planned), None
     clock = SweepClock(state_path).start()
     try:
-        dataroot, version = prepare_data(spec, storage)
+        dataroot, version = prepare_data(spec, storage, progress=args.loudness != console.QUIET)
         if "pretrained" in spec.methods:
             prepare_pseudo_labels(spec, dataroot, version)
         from model.data.dataset import dataset_fingerprint
 
         fingerprint = dataset_fingerprint(dataroot, version)
         resolved = [t.resolve(spec) for t in trials]
+        prepare_index(resolved, dataroot, version, storage)
         source = source_tags(f"harness.sweep {args.spec}")
         tracker = Tracker(
             plan.tracking_uri,
@@ -392,8 +393,9 @@ def start_ray(address: str | None) -> None:
         ray_constants.ENABLE_RAY_CLUSTER = cluster
 
 
-def prepare_data(spec: Spec, storage: Path) -> tuple[Path, str]:
-    """The dataroot the trials read: the spec's, or a synthetic one generated on first use."""
+def prepare_data(spec: Spec, storage: Path, progress: bool = True) -> tuple[Path, str]:
+    """The dataroot the trials read: the spec's, or a synthetic one generated on first use (with
+    a progress bar and a closing line unless ``progress`` is false: --quiet)."""
     version = spec.data.resolved_version
     if spec.data.dataroot:
         return Path(spec.data.dataroot).expanduser().resolve(), version
@@ -404,11 +406,21 @@ def prepare_data(spec: Spec, storage: Path) -> tuple[Path, str]:
 
     def build(work: Path) -> dict:
         log.info("generating the synthetic dataset %s (first use)", args)
-        generate_dataset(work / "dataroot", progress=True, **args)
+        generate_dataset(work / "dataroot", progress=progress, **args)
         return {"generator_args": args}
 
     entry = cache.compute_once(storage / "data", f"synthetic-{stable_hash(args, 12)}", build)
     return entry.path / "dataroot", version
+
+
+def prepare_index(resolved: list, dataroot: Path, version: str, storage: Path) -> None:
+    """The keyframe index of every split the trials read, cached once here: each trial reads it
+    instead of importing the devkit and loading its tables."""
+    from model.data.dataset import index_split
+
+    splits = {s for r in resolved for s in (r.spec.data.train_split, r.spec.data.val_split)}
+    for split in sorted(splits):
+        index_split(dataroot, version, split, cache_dir=label_cache_dir(storage))
 
 
 def prepare_pseudo_labels(spec: Spec, dataroot: Path, version: str) -> None:

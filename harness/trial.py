@@ -297,6 +297,11 @@ def matched_finetune(resolved: ResolvedTrial, data: DataConfig, context: SweepCo
     return resolved.finetune.model_copy(update={"extra_steps": steps})
 
 
+def label_cache_dir(storage_dir: str | Path) -> Path:
+    """The study folder's cache of BEV labels and keyframe indexes, shared by its trials."""
+    return Path(storage_dir) / "labels"
+
+
 def core_data(resolved: ResolvedTrial, context: SweepContext) -> DataConfig:
     """The spec's data section with what the sweep decided: the dataroot (generated for
     synthetic data), its version, and the study folder's label cache."""
@@ -304,7 +309,7 @@ def core_data(resolved: ResolvedTrial, context: SweepContext) -> DataConfig:
         update={
             "dataroot": context.dataroot,
             "version": context.version,
-            "cache_dir": str(Path(context.storage_dir) / "labels"),
+            "cache_dir": str(label_cache_dir(context.storage_dir)),
         }
     )
 

@@ -8,8 +8,23 @@ the problem in the words those lines use.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
+
+# No tool of ours opens a connection beyond the user's own servers, and the libraries are asked
+# not to either: MLflow 3 sends usage telemetry (an HTTPS request to config.mlflow-telemetry.io,
+# from `import mlflow` on, in the driver and in every trial) and Ray reports usage stats, unless
+# these are set. Set only where the user has not set them; a local Ray's workers inherit the
+# driver's environment.
+OFFLINE = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def stay_offline() -> None:
+    """Turn off the libraries' telemetry (OFFLINE) for this process and its children; call it
+    before MLflow or Ray is imported."""
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
 
 
 class OneLineParser(argparse.ArgumentParser):

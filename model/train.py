@@ -46,6 +46,7 @@ from model.config import (
     RuntimeConfig,
 )
 from model.data.dataset import index_split, split_scenes
+from model.data.label_cache import default_cache_dir
 from model.data.labels import class_names
 from model.data.pseudo_labels import ensure_synthetic
 from model.data.subsets import label_subset
@@ -264,7 +265,8 @@ def finetune(
 def planned_steps(data: DataConfig, cfg: PhaseConfig) -> int:
     """Optimiser steps a phase over the whole train split takes under ``cfg.budget`` (what a
     pretraining costs, so the compute-matched supervised arm can be given as many)."""
-    records = index_split(data.root, data.resolved_version, data.train_split)
+    cache_dir = data.cache_dir or default_cache_dir()
+    records = index_split(data.root, data.resolved_version, data.train_split, cache_dir=cache_dir)
     return schedule(cfg, math.ceil(len(records) / cfg.batch_size)).total_steps
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from model.data.dataset import (
     NuScenesBevDataset,
     collate,
     dataset_fingerprint,
+    index_split,
     make_loader,
     split_scenes,
 )
@@ -347,3 +350,67 @@ def test_corrupt_image_is_named_and_the_cache_stays_intact(writable_root, tmp_pa
         ds[2]
     assert tree_digest(cache) == before
     ds[0]  # other samples still load
+
+
+# --- keyframe index cache -----------------------------------------------------------------------
+
+
+def assert_same_records(got: list, want: list) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        for name in ("sample_token", "scene_name", "location", "image_paths", "image_sizes"):
+            assert getattr(a, name) == getattr(b, name), name
+        assert a.prev_index == b.prev_index
+        for name in ("intrinsics", "ego_from_cam", "global_from_ego"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_the_cached_keyframe_index_equals_the_devkit_records(synthetic_root, tmp_path):
+    devkit = index_split(synthetic_root, VERSION, "val")
+    built = index_split(synthetic_root, VERSION, "val", cache_dir=tmp_path)
+    (cached,) = (tmp_path / "keyframes").glob("*.npz")
+    assert dataset_fingerprint(synthetic_root, VERSION) in cached.name
+    read = index_split(synthetic_root, VERSION, "val", cache_dir=tmp_path)
+    assert_same_records(built, devkit)
+    assert_same_records(read, devkit)
+    # A label subset of a cached split: the devkit's records of those scenes, prev renumbered.
+    scene = devkit[-1].scene_name
+    subset = index_split(synthetic_root, VERSION, "val", [scene], cache_dir=tmp_path)
+    assert_same_records(subset, index_split(synthetic_root, VERSION, "val", [scene]))
+    assert [r.prev_index for r in subset] == [-1, *range(len(subset) - 1)]
+    assert [r.sample_token for r in subset] == [
+        r.sample_token for r in devkit if r.scene_name == scene
+    ]
+
+
+def test_a_dataset_with_a_cached_index_does_not_import_the_devkit(synthetic_root, cache_dir):
+    NuScenesBevDataset(
+        synthetic_root, VERSION, "train", IMAGE_SIZE, CFG, cache_dir=cache_dir, progress=False
+    )
+    code = (
+        "import sys\n"
+        "from model.data.dataset import NuScenesBevDataset\n"
+        "from model.data.labels import LabelConfig\n"
+        "from model.geometry import BevGrid\n"
+        f"grid = BevGrid(**{GRID.__dict__!r})\n"
+        f"ds = NuScenesBevDataset({str(synthetic_root)!r}, {VERSION!r}, 'train', {IMAGE_SIZE!r},"
+        f" LabelConfig(grid=grid), cache_dir={str(cache_dir)!r}, progress=False)\n"
+        "assert ds.label_build_s == 0.0\n"
+        "print(len(ds), sorted(m for m in sys.modules if m.startswith('nuscenes')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert out.stdout.split(" ", 1) == ["24", "[]\n"], out.stdout
+
+
+def test_an_unreadable_keyframe_index_is_rebuilt(synthetic_root, tmp_path, caplog):
+    want = index_split(synthetic_root, VERSION, "train", cache_dir=tmp_path)
+    (cached,) = (tmp_path / "keyframes").glob("*.npz")
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated, as by a full disk
+    with caplog.at_level("WARNING"):
+        got = index_split(synthetic_root, VERSION, "train", cache_dir=tmp_path)
+    assert "unreadable" in caplog.text and cached.name in caplog.text
+    assert_same_records(got, want)
+    assert_same_records(index_split(synthetic_root, VERSION, "train", cache_dir=tmp_path), want)

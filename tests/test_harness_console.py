@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from test_analysis_store import FINAL_MIOU, build_store, standard_trials
@@ -93,3 +96,39 @@ def test_a_switch_the_user_set_is_kept(restore_environment):
     console.configure(console.DEFAULT)
 
     assert os.environ["MLFLOW_LOGGING_LEVEL"] == "DEBUG"
+
+
+# Each probe is a fresh process: MLflow reads its switch when it is first imported. The CI and
+# pytest variables that MLflow itself takes as "don't track" are removed, as on a user's laptop.
+_PROBE = """
+import sys
+from harness import console
+if sys.argv[1] != "unconfigured":
+    console.configure(sys.argv[1])
+from mlflow.telemetry.utils import is_telemetry_disabled
+from ray._common.usage.usage_lib import usage_stats_enabled
+print(is_telemetry_disabled(), usage_stats_enabled())
+"""
+
+
+def _probe(level: str, **env: str) -> str:
+    from model.cli import OFFLINE
+
+    clean = {k: v for k, v in os.environ.items() if k not in OFFLINE}
+    for key in ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "DO_NOT_TRACK"):
+        clean.pop(key, None)
+    probe = subprocess.run(
+        [sys.executable, "-c", _PROBE, level], env={**clean, **env}, capture_output=True,
+        text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    return probe.stdout.strip()
+
+
+@pytest.mark.parametrize("level", [console.QUIET, console.VERBOSE])
+def test_the_sweep_turns_mlflow_telemetry_and_ray_usage_stats_off(level):
+    assert _probe(level) == "True False"
+
+
+def test_left_alone_the_libraries_phone_home_and_a_user_may_opt_in():
+    assert _probe("unconfigured") == "False True"
+    assert _probe(console.DEFAULT, MLFLOW_DISABLE_TELEMETRY="false") == "False False"

@@ -123,11 +123,13 @@ def test_sigterm_stops_like_ctrl_c_then_resume_finishes_and_a_finished_sweep_sta
         # To the driver, as a job scheduler or `kill` sends it (to the whole group it would
         # also stop Ray's own GCS and raylet, which the driver then cannot reach).
         os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=120)
     finally:
         _kill_group(proc)
     assert proc.returncode == 130, err[-4000:]
     assert f"resume with: python -m harness.sweep {sweep.spec_path} --resume" in err, err[-4000:]
+    # --quiet: neither the dataset generator's bar nor its closing line
+    assert "img/s" not in err and "images/s rendering" not in out + err, out + err
     assert {s for _, s in runs(sweep)} <= {"FINISHED", "KILLED"}
 
     assert_ok(run_sweep(sweep, "--resume"))

@@ -2,8 +2,9 @@
 
 Every read of the dataroot's tables goes through nuscenes-devkit, for real nuScenes and the
 synthetic dataroot alike. At construction the devkit tables are condensed into one small record
-per keyframe (paths and matrices), so workers never touch the devkit, and the BEV labels of the
-split are built into the label cache if they are not there yet (``model.data.prepare``).
+per keyframe (paths and matrices), kept in the cache beside the labels so later processes (every
+trial) never import the devkit, and the BEV labels of the split are built into the label cache
+if they are not there yet (``model.data.prepare`` precomputes both).
 
 Camera extrinsics are motion-compensated: each camera's ``ego_from_cam`` maps into the
 keyframe's ego frame (the LIDAR_TOP sample's ego pose), through the ego pose at the camera's own
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
 import random
+import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -33,7 +36,7 @@ from model.data.errors import (
     MapNotFoundError,
     MissingPseudoLabelsError,
 )
-from model.data.label_cache import LabelCache, LabelJob, default_cache_dir
+from model.data.label_cache import LabelCache, LabelJob, atomic_write_bytes, default_cache_dir
 from model.data.labels import PSEUDO_LABEL_PROTOCOL, LabelConfig
 from model.geometry import CAMERAS, invert_transform, scale_intrinsics, transform_from_pose
 
@@ -187,18 +190,43 @@ def _index_scene(nusc, root: Path, scene: dict, location: str) -> list[SampleRec
 
 
 def index_split(
-    dataroot: Path | str, version: str, split: str, scenes: Sequence[str] | None = None
+    dataroot: Path | str,
+    version: str,
+    split: str,
+    scenes: Sequence[str] | None = None,
+    cache_dir: Path | str | None = None,
 ) -> list[SampleRecord]:
-    """Records of every keyframe of a split (or of ``scenes`` within it), scene by scene."""
+    """Records of every keyframe of a split (or of ``scenes`` within it), scene by scene.
+
+    With a ``cache_dir`` the split's records are kept in ``CACHE/keyframes/`` (keyed by the
+    dataset fingerprint and the split's scenes), so a later process reads one small file instead
+    of importing the devkit and loading its tables (seconds for v1.0-mini, about half a minute
+    and gigabytes of memory for v1.0-trainval), as mmdetection3d's info files do.
+    """
     root = check_dataroot(dataroot, version)
     split_names_ = split_scenes(root, version, split)
     if scenes is not None:
         unknown = sorted(set(scenes) - set(split_names_))
         if unknown:
             raise ValueError(f"scenes {unknown} are not in split {split!r}")
-        wanted = [s for s in split_names_ if s in set(scenes)]
-    else:
-        wanted = split_names_
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha256(json.dumps([version, split_names_]).encode()).hexdigest()[:12]
+        name = f"{dataset_fingerprint(root, version)}-{split}-{key}.npz"
+        path = Path(cache_dir) / "keyframes" / name
+    # The fingerprint covers the tables and the map files: a changed or missing map is a miss.
+    records = _read_index(path, root) if path is not None else None
+    if records is None:
+        records = _index_scenes(root, version, split, split_names_)
+        if path is not None and records:
+            atomic_write_bytes(path, _index_bytes(records, root))
+    if scenes is None:
+        return records
+    return _restrict(records, set(scenes))
+
+
+def _index_scenes(root: Path, version: str, split: str, wanted: list[str]) -> list[SampleRecord]:
+    """The records of ``wanted`` scenes, read from the tables through the devkit."""
     nusc = load_nuscenes(str(root), version)
     by_name = {s["name"]: s for s in nusc.scene}
     absent = [s for s in wanted if s not in by_name]
@@ -217,6 +245,67 @@ def index_split(
                 rec.prev_index += offset
             records.append(rec)
     return records
+
+
+def _restrict(records: list[SampleRecord], scenes: set[str]) -> list[SampleRecord]:
+    """The records of ``scenes``, in split order, with ``prev_index`` renumbered."""
+    kept = [i for i, r in enumerate(records) if r.scene_name in scenes]
+    new_index = {old: new for new, old in enumerate(kept)}
+    out = []
+    for old in kept:
+        rec = records[old]
+        prev = new_index.get(rec.prev_index, -1) if rec.prev_index >= 0 else -1
+        out.append(replace(rec, prev_index=prev))
+    return out
+
+
+_INDEX_FORMAT = 1
+_INDEX_ARRAYS = ("intrinsics", "ego_from_cam", "global_from_ego")
+
+
+def _index_bytes(records: list[SampleRecord], root: Path) -> bytes:
+    arrays = {
+        "format": np.array(_INDEX_FORMAT),
+        "sample_token": np.array([r.sample_token for r in records]),
+        "scene_name": np.array([r.scene_name for r in records]),
+        "location": np.array([r.location for r in records]),
+        "filename": np.array([[str(p.relative_to(root)) for p in r.image_paths] for r in records]),
+        "image_sizes": np.array([r.image_sizes for r in records], dtype=np.int64),
+        "prev_index": np.array([r.prev_index for r in records], dtype=np.int64),
+        **{name: np.stack([getattr(r, name) for r in records]) for name in _INDEX_ARRAYS},
+    }
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _read_index(path: Path, root: Path) -> list[SampleRecord] | None:
+    """The records a cached index holds; None when there is none (or it cannot be read: it is
+    then rebuilt and replaced)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as index:
+            arrays = {name: index[name] for name in index.files}
+        if int(arrays["format"]) != _INDEX_FORMAT:
+            return None
+        return [
+            SampleRecord(
+                sample_token=str(arrays["sample_token"][i]),
+                scene_name=str(arrays["scene_name"][i]),
+                location=str(arrays["location"][i]),
+                image_paths=[root / str(f) for f in arrays["filename"][i]],
+                image_sizes=[(int(h), int(w)) for h, w in arrays["image_sizes"][i]],
+                intrinsics=arrays["intrinsics"][i],
+                ego_from_cam=arrays["ego_from_cam"][i],
+                global_from_ego=arrays["global_from_ego"][i],
+                prev_index=int(arrays["prev_index"][i]),
+            )
+            for i in range(len(arrays["sample_token"]))
+        ]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        log.warning("keyframe index %s is unreadable (%s); rebuilding it", path, exc)
+        return None
 
 
 def _check_map(root: Path, scene_name: str, location: str) -> None:
@@ -341,13 +430,12 @@ class NuScenesBevDataset(Dataset):
         if pseudo_labels is not None and pseudo_labels not in PSEUDO_LABELERS:
             raise ValueError(f"pseudo_labels must be None or one of {PSEUDO_LABELERS}")
         self.pseudo_labels = pseudo_labels
-        self.records = index_split(self.dataroot, version, split, scenes)
+        cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.records = index_split(self.dataroot, version, split, scenes, cache_dir=cache_dir)
         if not self.records:
             raise ValueError(f"split {split!r} of {self.dataroot} has no keyframes")
         self.fingerprint = dataset_fingerprint(self.dataroot, version)
-        self.label_cache = LabelCache(
-            Path(cache_dir) if cache_dir else default_cache_dir(), self.fingerprint, self.label_cfg
-        )
+        self.label_cache = LabelCache(cache_dir, self.fingerprint, self.label_cfg)
         self.label_build_s = self.label_cache.ensure(
             [LabelJob(r.sample_token, r.location, r.global_from_ego) for r in self.records],
             self.dataroot,

@@ -94,14 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        cache_dir = args.cache_dir or default_cache_dir()
         jobs: dict[str, LabelJob] = {}
-        for split in splits:
-            for record in index_split(args.dataroot, args.version, split):
+        for split in splits:  # the keyframe index of each split is cached too
+            for record in index_split(args.dataroot, args.version, split, cache_dir=cache_dir):
                 jobs[record.sample_token] = LabelJob(
                     record.sample_token, record.location, record.global_from_ego
                 )
         fingerprint = dataset_fingerprint(args.dataroot, args.version)
-        cache = LabelCache(args.cache_dir or default_cache_dir(), fingerprint, cfg)
+        cache = LabelCache(cache_dir, fingerprint, cfg)
         elapsed = cache.ensure(list(jobs.values()), args.dataroot, num_workers=args.workers)
     except DataError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
