@@ -200,8 +200,9 @@ def index_split(
 
     With a ``cache_dir`` the split's records are kept in ``CACHE/keyframes/`` (keyed by the
     dataset fingerprint and the split's scenes), so a later process reads one small file instead
-    of importing the devkit and loading its tables (seconds for v1.0-mini, about half a minute
-    and gigabytes of memory for v1.0-trainval), as mmdetection3d's info files do.
+    of importing the devkit and loading its tables (seconds for the synthetic set; commonly
+    reported at about half a minute and several GB for v1.0-trainval), as mmdetection3d's info
+    files do.
     """
     root = check_dataroot(dataroot, version)
     split_names_ = split_scenes(root, version, split)
