@@ -252,12 +252,7 @@ def _restrict(records: list[SampleRecord], scenes: set[str]) -> list[SampleRecor
     """The records of ``scenes``, in split order, with ``prev_index`` renumbered."""
     kept = [i for i, r in enumerate(records) if r.scene_name in scenes]
     new_index = {old: new for new, old in enumerate(kept)}
-    out = []
-    for old in kept:
-        rec = records[old]
-        prev = new_index.get(rec.prev_index, -1) if rec.prev_index >= 0 else -1
-        out.append(replace(rec, prev_index=prev))
-    return out
+    return [replace(records[i], prev_index=new_index.get(records[i].prev_index, -1)) for i in kept]
 
 
 _INDEX_FORMAT = 1
