@@ -65,6 +65,7 @@ class Pretraining:
 def run_trial(config: dict, context: SweepContext) -> None:
     """Ray Tune function trainable: run one trial and report each fine-tuning epoch."""
     lifetime.die_with_parent()  # a killed sweep's worker writes nothing more
+    lifetime.exit_on_ignored_exit()  # Ray's SIGTERM ends an idle worker without a traceback
     console.quiet_worker_loggers()
     trial = Trial.from_dict(config["trial"])
     resolved = trial.resolve(Spec.model_validate(context.spec))
