@@ -17,7 +17,10 @@ thresholds). The arms are interleaved in one process: every repeat runs a block 
 ``--steps`` steps of each arm, in an order that rotates between repeats, on the same inputs
 from the same initial weights, after ``--warmup`` untimed steps per arm. Load from other
 processes then slows every arm alike; the ratio printed is the median over repeats of the
-paired per-repeat ratios.
+paired per-repeat ratios. It ends with the floor under the step (``model.roofline``): the
+step's counted operations at the best convolution rate measured here, and the largest speed-up
+over the first arm that any switch keeping those operations could reach on this machine; then
+an evaluation pass with the history pass against ``loop.EvalForward``'s reuse of it.
 
 The step is what a training loop does per batch: the previous keyframe's BEV under no_grad
 (the history, as the official BEVFormer computes it), then forward, loss, backward and an
@@ -45,7 +48,7 @@ from model.bevformer import BEVFormerSeg
 from model.deform_attn import multi_scale_deformable_attn, resolve_impl
 from model.encoder import project_pillars
 from model.geometry import BevGrid
-from model.loop import _eval_mode
+from model.loop import EvalForward, _eval_mode, _forward, _history
 from model.precision import (
     autocast,
     bf16_autocast_active,
@@ -55,6 +58,7 @@ from model.precision import (
     to_channels_last,
 )
 from model.presets import PRESETS, ModelConfig, get_preset
+from model.roofline import Roofline, conv_peak, count_flops
 
 # nuScenes-like camera yaws (CAMERAS order) and a focal length of 0.79 image widths
 # (1266 px at 1600 px wide).
@@ -408,6 +412,19 @@ def compare(args, cfg: ModelConfig, grid: BevGrid, device: torch.device) -> None
         f"loss: {hooks.description}\n"
     )
     print_comparison(states, comparisons, device)
+    off, everything = next((off, on) for label, off, on in comparisons if label == "all together")
+    roof = step_roofline(states[everything], batch, hooks, device)
+    off_ms = statistics.median(states[off].block_ms)
+    on_ms = statistics.median(states[everything].block_ms)
+    print("\n" + roof.describe(off_ms, on_ms, off.name, "all switches on"))
+    history_ms, reused_ms, ratios = compare_eval(states[everything], batch, args.repeats)
+    print(
+        f"\nevaluation ({EVAL_BATCHES} batches of consecutive keyframes, all switches on, "
+        f"ms/batch):\n\n| evaluation | history pass | history reused | speed-up | "
+        f"range over repeats |\n|---|---|---|---|---|\n"
+        f"| loop.EvalForward | {history_ms:.1f} | {reused_ms:.1f} | "
+        f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x |"
+    )
     if device.type == "cuda":
         print(
             "\nstep peak: torch.cuda.max_memory_allocated during a block minus what was "
@@ -415,6 +432,70 @@ def compare(args, cfg: ModelConfig, grid: BevGrid, device: torch.device) -> None
         )
     else:
         print(f"\nprocess peak RSS, all arms: {peak_memory_mb(device):.0f} MiB")
+
+
+EVAL_BATCHES = 4
+
+
+def keyframe_batches(batch: dict, count: int) -> list[dict]:
+    """``count`` batches of consecutive keyframes (each sample's previous keyframe is the one
+    before it), as a validation loader in split order gives them; same images throughout."""
+    size = batch["images"].shape[0]
+    prev = {k: batch[k] for k in ("images", "intrinsics", "ego_from_cam")}
+    out = []
+    for first in range(0, count * size, size):
+        tokens = [f"keyframe-{first + i}" for i in range(size)]
+        prev_tokens = [f"keyframe-{first + i - 1}" if first + i else "" for i in range(size)]
+        has_prev = torch.tensor([bool(t) for t in prev_tokens], device=batch["images"].device)
+        out.append(
+            {**batch, "sample_token": tokens, "prev_token": prev_tokens, "has_prev": has_prev}
+            | {"prev": prev}
+        )
+    return out
+
+
+@torch.no_grad()
+def compare_eval(state: ArmState, batch: dict, repeats: int) -> tuple[float, float, list[float]]:
+    """An evaluation pass with the history pass against ``loop.EvalForward``'s reuse:
+    (ms/batch with the pass, ms/batch reused, per-repeat ratios), interleaved."""
+    net, amp = state.net, state.amp
+    batches = keyframe_batches(batch, EVAL_BATCHES)
+    sync = Timer(next(net.parameters()).device).sync
+
+    def with_history_pass():
+        for b in batches:
+            _forward(net, b, _history(net, b, amp), True, amp)
+
+    def with_reuse():
+        forward = EvalForward(net, amp, use_history=True)
+        for b in batches:
+            forward(b)
+
+    times: dict[str, list[float]] = {"pass": [], "reuse": []}
+    with _eval_mode(net):
+        with_history_pass(), with_reuse()  # warm-up
+        for round_ in range(repeats):
+            order = [("pass", with_history_pass), ("reuse", with_reuse)]
+            for name, fn in order[round_ % 2 :] + order[: round_ % 2]:
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(1e3 * (time.perf_counter() - start) / len(batches))
+    ratios = [a / b for a, b in zip(times["pass"], times["reuse"], strict=True)]
+    return statistics.median(times["pass"]), statistics.median(times["reuse"]), ratios
+
+
+def step_roofline(state: ArmState, batch: dict, hooks: LossHooks, device) -> Roofline:
+    """The operations of one step of ``state``'s arm against the best 3x3 convolution rate
+    measured here in that arm's precision, either memory layout (one more step of that arm)."""
+    flops = count_flops(
+        lambda: train_step(state.net, state.opt, batch, hooks, Untimed(device), state.amp)
+    )
+    bf16 = bf16_autocast_active(device, state.arm.bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    peak = max(conv_peak(device, dtype, channels_last=layout) for layout in (True, False))
+    return Roofline(flops, peak, "bf16" if bf16 else "float32")
 
 
 def _cpu_name() -> str:

@@ -31,7 +31,7 @@ from model.data.alignment import (
 )
 from model.data.labels import is_multilabel
 from model.loaders import label_config, make_dataset, make_loader
-from model.loop import _forward, _history, _to_device, prepare
+from model.loop import EvalForward, _to_device, prepare
 from model.metrics import ArgmaxIoU
 from model.precision import autocast
 from model.reprojection import reprojection_grids
@@ -73,15 +73,14 @@ def pretraining_alignment(
     meter = AlignmentMeter(label_cfg.class_names, label_cfg.grid)
     head_reached = ArgmaxIoU(label_cfg.class_names)
     head_perspective = ArgmaxIoU(label_cfg.class_names)
+    forward = EvalForward(net, amp, cfg.use_history)
     was_training = net.training
     net.eval()
     try:
         with torch.no_grad():
             for batch in loader:
                 batch = _to_device(batch, device)
-                history = _history(net, batch, amp) if cfg.use_history else None
-                logits = _forward(net, batch, history, cfg.use_history, amp)["bev_logits"]
-                logits = logits.float()
+                logits = forward(batch)["bev_logits"].float()
                 grids = reprojection_grids(
                     batch["intrinsics"], batch["ego_from_cam"],
                     tuple(batch["images"].shape[-2:]), label_cfg.grid, cfg.reprojection.stride,

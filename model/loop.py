@@ -151,6 +151,58 @@ def _forward(net: BEVFormerSeg, batch: dict, history: dict | None, use_history: 
         )
 
 
+class EvalForward:
+    """The forward of an evaluation pass (eval mode, no gradients), batch after batch, reusing
+    what the pass already computed for the history.
+
+    With the weights fixed, the history BEV of keyframe t (``_history``: backbone, encoder and
+    head on keyframe t-1's images, with no history of its own) is ``net.encode`` of the image
+    features of t-1 without a history, and the pass extracts those features anyway when it
+    reaches t-1. So each batch runs the backbone once, on its own images, encodes them twice
+    (without a history, kept for the keyframes that follow; with one, for the output), and
+    takes the history of each sample from this batch or the one before, by ``prev_token``. A
+    batch whose previous keyframes were not seen (a loader out of order, a subset, a batch
+    without tokens) gets its history from ``_history`` as in training. The values are the same
+    up to the convolutions' summation order for another batch composition; the backbone work
+    of a validation pass halves (it was about half of it on nano).
+    """
+
+    def __init__(self, net: BEVFormerSeg, amp, use_history: bool):
+        self.net, self.amp, self.use_history = net, amp, use_history
+        self.seen: dict[str, torch.Tensor] = {}  # sample token -> BEV without a history
+        self.reused = self.recomputed = 0  # batches whose history came from each path
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        prev_tokens = batch.get("prev_token")
+        if not (self.use_history and "prev" in batch and prev_tokens is not None):
+            history = _history(self.net, batch, self.amp) if self.use_history else None
+            return _forward(self.net, batch, history, self.use_history, self.amp)
+        net = self.net
+        with self.amp:
+            features = net.extract_features(batch["images"])
+            own = net.encode(features, batch["intrinsics"], batch["ego_from_cam"])
+        seen = {**self.seen, **dict(zip(batch["sample_token"], own, strict=True))}
+        pairs = list(zip(prev_tokens, batch["has_prev"].tolist(), strict=True))
+        if all(token in seen for token, has in pairs if has):
+            # Samples without a previous keyframe take their own BEV: the encoder ignores it.
+            prev_bev = torch.stack([seen[t] if has else own[i] for i, (t, has) in enumerate(pairs)])
+            self.reused += 1
+        else:
+            prev_bev = _history(net, batch, self.amp)["bev_features"]
+            self.recomputed += 1
+        self.seen = dict(zip(batch["sample_token"], own, strict=True))
+        with self.amp:
+            bev = net.encode(
+                features,
+                batch["intrinsics"],
+                batch["ego_from_cam"],
+                prev_bev=prev_bev,
+                prev_ego_from_ego=batch["prev_ego_from_ego"],
+                has_prev=batch["has_prev"],
+            )
+            return {"bev_logits": net.decode(bev), "bev_features": bev}
+
+
 @torch.no_grad()
 def evaluate(
     net: BEVFormerSeg,
@@ -164,15 +216,14 @@ def evaluate(
     """Metrics of ``net`` over every batch of ``loader`` (``model.metrics``: HDMapNet argmax
     IoU for hdmapnet, best-threshold IoU for fine): ``{"mIoU", "IoU_<class>", ...}``. With
     ``use_history`` and batches that carry ``prev``, the history BEV is the previous
-    keyframe's, as in training. ``bf16``: ``RuntimeConfig.bf16``."""
+    keyframe's, as in training (``EvalForward``). ``bf16``: ``RuntimeConfig.bf16``."""
     device = torch.device(device)
     amp = autocast(device, bf16)
     metric = make_metric(protocol)
+    forward = EvalForward(net, amp, use_history)
     with _eval_mode(net):
         for batch in tqdm(loader, desc="val", leave=False, disable=None if progress else True):
-            batch = _to_device(batch, device)
-            history = _history(net, batch, amp) if use_history else None
-            out = _forward(net, batch, history, use_history, amp)
+            out = forward(_to_device(batch, device))
             metric.update(out["bev_logits"].float(), batch["bev_label"])
     return metric.compute()
 

@@ -545,6 +545,7 @@ class NuScenesBevDataset(Dataset):
             )
         sample["bev_label"] = self._bev_label(rec)
         sample["sample_token"] = rec.sample_token
+        sample["prev_token"] = prev_rec.sample_token if has_prev else ""
         sample["scene_name"] = rec.scene_name
         return sample
 
