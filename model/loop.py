@@ -163,8 +163,9 @@ class EvalForward:
     takes the history of each sample from this batch or the one before, by ``prev_token``. A
     batch whose previous keyframes were not seen (a loader out of order, a subset, a batch
     without tokens) gets its history from ``_history`` as in training. The values are the same
-    up to the convolutions' summation order for another batch composition; the backbone work
-    of a validation pass halves (it was about half of it on nano).
+    up to the convolutions' summation order for another batch composition (bit-identical on the
+    CPUs measured); the backbone runs half as often, 1.8x per nano batch on a CPU
+    (``python -m model.bench --compare``).
     """
 
     def __init__(self, net: BEVFormerSeg, amp, use_history: bool):

@@ -9,9 +9,9 @@ a speed-up target the hardware allows.
 - ``count_flops``: the operations of one call, by ``torch.utils.flop_counter``'s formulas
   (convolutions and matrix products, forward and backward; elementwise work, norms, pooling and
   ``grid_sample`` are not counted, so the floor is a lower bound).
-- ``conv_peak``: the best rate of a few 3x3 convolutions measured here, in the precision and
-  memory layout a step runs in. It is an empirical peak, not the datasheet's: a kernel that beats
-  every shape measured would beat the floor too.
+- ``conv_peak``: the best rate of a few 3x3 convolutions measured here, in the precision a step
+  runs in (the bench takes the better of the two memory layouts). It is an empirical peak, not
+  the datasheet's: a kernel that beats every shape measured would beat the floor too.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-# (batch, channels, height, width) of the convolutions timed for the peak: ResNet stage widths at
-# the stride-8 map of a nano image batch (12 camera images of 96 x 160), and a larger one.
+# (batch, channels, height, width) of the convolutions timed for the peak: ResNet stage widths on
+# the stride-4 and stride-8 maps of a nano image batch (12 camera images of 96 x 160); on CUDA,
+# tiny-sized ones large enough to fill the GPU.
 CPU_SHAPES = ((12, 64, 24, 40), (12, 128, 12, 20), (12, 128, 24, 40), (12, 256, 12, 20))
 CUDA_SHAPES = ((64, 256, 56, 100), (64, 512, 28, 50))
 
