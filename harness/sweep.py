@@ -17,7 +17,6 @@ pretraining cache and, by default, the MLflow SQLite store. docs/harness.md has 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -44,6 +43,7 @@ from harness.preflight import (
     plan_sweep,
     refuse_interrupted,
 )
+from harness.restore import can_restore, failures_for_lack_of_space
 from harness.spec import Spec, SpecError, load_spec, stable_hash
 from harness.tracking import (
     Tracker,
@@ -313,7 +313,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
         tracker.set_tags(sweep_run_id, {"bev.ray_address": plan.address or "local"})
         # Killed before Ray Tune saved its first state: the same experiment, started afresh
         # (trials reopen their MLflow runs by tag).
-        restore = previous is not None and _can_restore(ray_path)
+        restore = previous is not None and can_restore(ray_path)
         tuner = build_tuner(spec, context, trials, ray_path, restore, args.loudness)
         tuner.fit()
         outcome = SweepOutcome.read(planned, ray_path, tracker, sweep_run_id)
@@ -339,29 +339,6 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
         return EXIT_INTERRUPTED
     print(console.summary_text(spec.experiment, plan.tracking_uri, tracker.experiment_id))
     return EXIT_TRIALS_FAILED if outcome.failed else EXIT_OK
-
-
-def _can_restore(ray_path: Path) -> bool:
-    """Ray Tune saved a state to continue from. Tune writes `experiment_state-*.json` in place,
-    so a full disk or a crash can leave it truncated: such a file is set aside (with a warning)
-    and the experiment starts afresh, as after a kill before Tune's first save. Its trials reopen
-    their MLflow runs by tag; trials that had finished run again."""
-    from ray import tune
-
-    states = []
-    for path in ray_path.glob("experiment_state*.json"):
-        try:
-            json.loads(path.read_text())
-            states.append(path)
-        except (OSError, ValueError) as exc:
-            aside = path.with_name(f"{path.name}.corrupt")
-            path.rename(aside)
-            log.warning(
-                "%s is not readable (%s), set aside as %s: the sweep's trials start afresh",
-                path, exc, aside.name,
-            )  # fmt: skip
-    # Tuner.can_restore looks for Tune's tuner.pkl only; restoring needs a state file too.
-    return bool(states) and tune.Tuner.can_restore(str(ray_path))
 
 
 def start_ray(address: str | None) -> None:
@@ -492,8 +469,17 @@ def build_tuner(
     )
     if restore:
         # Finished trials are skipped, unfinished ones continue from their last checkpoint;
-        # trials that failed after their retries stay failed.
-        return tune.Tuner.restore(str(ray_path), trainable=trainable, resume_errored=False)
+        # trials that failed after their retries stay failed, unless a trial failed for lack of
+        # disk space: then every failed trial resumes (Tune resumes failed trials all or none).
+        full = failures_for_lack_of_space(ray_path)
+        if full:
+            log.warning(
+                "%d trial(s) failed for lack of disk space (%s): the failed trials resume "
+                "from their last checkpoint",
+                len(full),
+                ", ".join(full),
+            )
+        return tune.Tuner.restore(str(ray_path), trainable=trainable, resume_errored=bool(full))
 
     scheduler = search_alg = None
     if spec.scheduler.type == "asha":
