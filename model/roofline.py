@@ -106,7 +106,7 @@ class Roofline:
 
     step_flops: int
     peak_flops_per_s: float
-    peak_what: str  # the precision and layout the peak was measured in
+    peak_what: str  # the precision the peak was measured in (float32 or bf16)
 
     @property
     def floor_ms(self) -> float:
