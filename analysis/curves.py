@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
 from analysis.stats import CONFIDENCE, LabelSavings, pareto_front, summarise, t_interval
+from model import arms
 
 OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -53,8 +54,9 @@ def figure_style() -> Iterator[None]:
 
 
 def variant_styles(variants) -> dict[str, dict]:
-    """Colour and marker per configuration: supervised ones first, in a stable order."""
-    ordered = sorted(set(variants), key=lambda v: (not str(v).startswith("supervised"), str(v)))
+    """Colour and marker per configuration, in the arms' display order (model.arms; a variant
+    ``arm (param=value)`` sorts with its arm): each arm keeps its colour across figures."""
+    ordered = sorted(set(variants), key=lambda v: (arms.order(str(v).split(" (")[0]), str(v)))
     return {
         v: {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": MARKERS[i % len(MARKERS)]}
         for i, v in enumerate(ordered)
@@ -109,17 +111,22 @@ def plot_miou_vs_fraction(
     styles = variant_styles(summary["variant"])
     with figure_style():
         fig, ax = plt.subplots(figsize=(5.0, 3.6), layout="constrained")
+        reference = arms.reference().name
         ref = summary[
-            (summary["method"] == "supervised") & np.isclose(summary["label_fraction"], 1)
+            (summary["method"] == reference) & np.isclose(summary["label_fraction"], 1)
         ]
         if not ref.empty:
             row = (
-                ref[ref["variant"] == "supervised"].iloc[0]
-                if (ref["variant"] == "supervised").any()
+                ref[ref["variant"] == reference].iloc[0]
+                if (ref["variant"] == reference).any()
                 else ref.iloc[0]
             )
             ax.axhline(
-                row["mean"], color="#555555", ls="--", lw=1.0, label="supervised, 100% labels"
+                row["mean"],
+                color="#555555",
+                ls="--",
+                lw=1.0,
+                label=f"{arms.label(reference)}, 100% labels",
             )
             if np.isfinite(row["ci_low"]):
                 low, high = _clipped([row["ci_low"], row["ci_high"]])
@@ -422,7 +429,7 @@ def plot_miou_vs_pretrain_length(
     """Final mIoU against pretraining length (``pretrain.budget.value``), one line per label
     fraction: mean over seeds with a Student-t band; dashed, the supervised mean at that
     fraction. (mIoU against total training time per length is the Pareto figure.)"""
-    pretrained = trials[trials["method"] == "pretrained"]
+    pretrained = trials[trials["method"].isin(arms.pretraining())]
     rows = []
     for (fraction, length), cell in pretrained.groupby(["label_fraction", "pretrain_epochs"]):
         mean, low, high = t_interval(cell[metric], confidence)
@@ -435,9 +442,9 @@ def plot_miou_vs_pretrain_length(
         for color, (fraction, cell) in zip(palette, summary.groupby("fraction"), strict=True):
             cell = cell.sort_values("length")
             ax.plot(cell["length"], cell["mean"], color=color, marker="o", ms=4, lw=1.6,
-                    label=f"pretrained, {_percent(fraction)} labels")  # fmt: skip
+                    label=f"{_percent(fraction)} labels")  # fmt: skip
             _band(ax, cell["length"], cell["low"], cell["high"], color)
-            supervised = trials[(trials["method"] == "supervised")
+            supervised = trials[(trials["method"] == arms.reference().name)
                                 & np.isclose(trials["label_fraction"], fraction)]  # fmt: skip
             if not supervised.empty:
                 ax.axhline(supervised[metric].mean(), color=color, ls="--", lw=1.0)

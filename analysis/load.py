@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.alignment import alignment_runs
-from model import names
+from model import arms, names
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def resolve_tracking_uri(cli_uri: str | None, experiment: str) -> str:
     return DEFAULT_STORE_TEMPLATE.format(experiment=experiment)
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:"):
         return None
     path = unquote(urlparse(uri).path)
@@ -120,7 +120,7 @@ def _sqlite_path(uri: str) -> Path | None:
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
-    path = _sqlite_path(tracking_uri)
+    path = sqlite_path(tracking_uri)
     # Opening a missing SQLite file would silently create an empty store: refuse instead.
     if path is not None and str(path) not in ("", ":memory:") and not path.is_file():
         raise AnalysisError(f"no MLflow store at {tracking_uri} (file {path} does not exist)")
@@ -207,7 +207,7 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
         values = pd.to_numeric(frame[name], errors="coerce")
         frame[name] = values.round().astype("Int64")
     present = set(frame["method"].dropna())
-    methods = [m for m in names.METHODS if m in present] + sorted(present - set(names.METHODS))
+    methods = sorted(present, key=lambda m: (arms.order(m), m))
     frame["method"] = pd.Categorical(frame["method"], categories=methods)
     frame["status"] = frame["status"].astype("string")
     frame["preset"] = frame["preset"].astype("string")
@@ -364,8 +364,8 @@ def load_study(experiment: str, tracking_uri: str | None = None, progress: bool 
     for column in TIME_COLUMNS:
         if column not in epochs:
             epochs[column] = np.nan
-    # A supervised trial used no pretraining: its incl_pretrain and amortised clocks are its own.
-    supervised = epochs["method"] == "supervised"
+    # A trial of an arm without pretraining: its incl_pretrain and amortised clocks are its own.
+    supervised = ~epochs["method"].isin(arms.pretraining())
     for clock in ("wall", "gpu"):
         own = f"cum_{clock}_s"
         for suffix in ("_incl_pretrain", "_amortised"):

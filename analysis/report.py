@@ -35,10 +35,10 @@ from analysis.alignment import alignment_table
 from analysis.load import (
     AnalysisError,
     Study,
-    _sqlite_path,
     analysed_trials,
     load_study,
     resolve_tracking_uri,
+    sqlite_path,
 )
 from analysis.stats import (
     CONFIDENCE,
@@ -52,6 +52,7 @@ from analysis.stats import (
     summarise,
     time_to_target,
 )
+from model import arms
 from model.cli import OneLineParser, int_at_least, stay_offline
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def make_figures(analysis: Analysis) -> dict:
 
     savings = [LabelSavings(**row) for row in analysis.savings.to_dict("records")]
     trials = analysis.trials
-    pretrained = trials[trials["method"] == "pretrained"]
+    pretrained = trials[trials["method"].isin(arms.pretraining())]
     lengths = {}
     if "pretrain_epochs" in pretrained and pretrained["pretrain_epochs"].nunique() > 1:
         lengths["miou_vs_pretrain_length"] = curves.plot_miou_vs_pretrain_length(
@@ -564,7 +565,7 @@ def check_store(uri: str) -> None:
     """Refuse, with an AnalysisError, what MLflow would meet with a traceback or minutes of
     retries: a file that is not an MLflow SQLite store (MLflow would also write its tables into
     an empty one) and an http(s) server that does not answer."""
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is not None and path.is_file():
         try:
             with contextlib.closing(

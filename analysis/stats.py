@@ -19,6 +19,7 @@ from scipy import stats as sps
 from scipy.optimize import brentq
 
 from analysis.load import TIME_ACCOUNTING, TIME_COLUMNS
+from model import arms
 
 CONFIDENCE = 0.95
 POWER = 0.8
@@ -80,14 +81,14 @@ def summarise(
 def reference_variant(trials: pd.DataFrame) -> str | None:
     """The supervised configuration the savings compare against: plain `supervised` if present,
     else the first supervised variant that has a 100% label-fraction trial."""
+    reference = arms.reference().name
     supervised = trials[
-        (trials["method"] == "supervised")
-        & np.isclose(trials["label_fraction"], REFERENCE_FRACTION)
+        (trials["method"] == reference) & np.isclose(trials["label_fraction"], REFERENCE_FRACTION)
     ]
     if supervised.empty:
         return None
     variants = sorted(supervised["variant"].unique())
-    return "supervised" if "supervised" in variants else variants[0]
+    return reference if reference in variants else variants[0]
 
 
 @dataclass
@@ -139,7 +140,7 @@ def _first_reaching(means: np.ndarray, fractions: np.ndarray) -> np.ndarray:
 
 def label_savings(
     trials: pd.DataFrame,
-    variant: str = "pretrained",
+    variant: str | None = None,
     metric: str = "val_mIoU",
     confidence: float = CONFIDENCE,
     n_boot: int = 2000,
@@ -159,6 +160,9 @@ def label_savings(
     a bound is None where the replicates there never reach the reference.
     """
     ref_variant = reference_variant(trials)
+    if variant is None:  # the first arm under test (model.arms) the study ran
+        tested = [m for m in arms.methods_under_test() if (trials["method"] == m).any()]
+        variant = tested[0] if tested else ""
     mine = trials[trials["variant"] == variant]
     if ref_variant is None or mine.empty:
         return None
@@ -221,7 +225,8 @@ def label_savings(
 def label_savings_table(trials: pd.DataFrame, **kwargs) -> pd.DataFrame:
     """`label_savings` for every pretrained variant, one row each."""
     rows = []
-    for variant in sorted(trials.loc[trials["method"] == "pretrained", "variant"].unique()):
+    tested = trials["method"].isin(arms.methods_under_test())
+    for variant in sorted(trials.loc[tested, "variant"].unique()):
         result = label_savings(trials, variant=variant, **kwargs)
         if result is not None:
             rows.append(result.as_dict())
@@ -354,7 +359,7 @@ def paired_differences(
 
 
 def default_reference(frame: pd.DataFrame) -> Cell:
-    return reference_variant(frame) or "supervised", REFERENCE_FRACTION
+    return reference_variant(frame) or arms.reference().name, REFERENCE_FRACTION
 
 
 def paired_verdicts(

@@ -128,7 +128,7 @@ def trial_row(trial, pretraining: bool = False) -> tuple[str, ...]:
     epoch = "-"
     if "epoch" in last:
         epoch = f"{last['epoch']}/{last.get('epochs', '?')}"
-    elif status == "RUNNING" and pretraining and spec_trial.method == names.PRETRAINED:
+    elif status == "RUNNING" and pretraining and spec_trial.arm.pretrains:
         epoch = "pretraining"
     miou = last.get(names.VAL_MIOU)
     return (

@@ -25,6 +25,7 @@ from harness.tracking import (
     resolve_tracking_uri,
     sqlite_uri,
 )
+from harness.trials import needs_pseudo_labels
 
 CONNECT_TIMEOUT_S = 3.0
 DONE = "finished"  # the state file's `status` once Tune ran every trial to its end
@@ -47,7 +48,7 @@ def plan_sweep(spec: Spec, spec_path: Path, resume: bool, uri_flag: str | None,
     if spec.data.dataroot:
         check_dir(Path(spec.data.dataroot).expanduser(), f"{spec_path}: data.dataroot")
     check_dir(storage, f"{spec_path}: storage_path", create=True)
-    if spec.data.dataroot and "pretrained" in spec.methods:
+    if spec.data.dataroot and needs_pseudo_labels(spec):
         dataroot = Path(spec.data.dataroot).expanduser().resolve()
         if problem := missing_pseudo_labels(spec, dataroot, spec.data.resolved_version):
             raise SpecError(f"{spec_path}: {problem}")

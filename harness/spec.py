@@ -24,8 +24,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.spec_errors import SpecError, at, describe, reject_old_keys
-from model import names
+from harness.spec_errors import SpecError, at, describe, reject_old_keys, unknown
+from model import arms, names
 from model.config import (
     DataConfig,
     FinetuneConfig,
@@ -33,9 +33,6 @@ from model.config import (
     PretrainConfig,
     RuntimeConfig,
 )
-
-# Bump when the meaning of a cached pretraining changes without its config changing.
-PRETRAIN_CACHE_VERSION = 3  # 3: keyed by the pretrain/data/model sections (model/config.py)
 
 
 class _Section(BaseModel):
@@ -128,11 +125,10 @@ class Spec(_Section):
     # Grid axes: dotted path -> values; every combination runs (see expand_trials).
     search: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     optuna: OptunaSearch | None = None
-    methods: list[Literal["supervised", "supervised_matched", "pretrained"]] = Field(
-        default_factory=lambda: [names.SUPERVISED, names.PRETRAINED], min_length=1
-    )
-    # What `supervised_matched` gets on top of its budget: the optimiser steps of its pretrained
-    # twin's whole pretraining, or that divided among the trials sharing it.
+    # The arms of model.arms to run (`supervised`, `pretrained`, `pct`, ...).
+    methods: list[str] = Field(default_factory=lambda: ["supervised", "pretrained"], min_length=1)
+    # What a compute-matched arm gets on top of its budget: the optimiser steps of its twin's
+    # whole pretraining, or that divided among the trials sharing it.
     compute_matched: Literal["whole", "amortised"] = "whole"
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     resources: ResourcesSection = ResourcesSection()
@@ -142,6 +138,14 @@ class Spec(_Section):
     mlflow: MlflowSection = MlflowSection()
     ray: RaySection = RaySection()
     storage_path: str | None = None  # default studies/<study>, relative to the working dir
+
+    @field_validator("methods")
+    @classmethod
+    def _known_arms(cls, values: list) -> list:
+        for i, value in enumerate(values):
+            if value not in arms.names():
+                raise at((i,), unknown("value", value, arms.names()))
+        return values
 
     @field_validator("methods", "seeds")
     @classmethod
@@ -183,8 +187,9 @@ class Spec(_Section):
                 _validate_override(base, path, value, ("search", path, i))
         optuna = self.optuna
         if optuna is not None:
-            if self.methods != [names.PRETRAINED]:
-                raise at(("methods",), "an Optuna search needs methods: [pretrained]")
+            if len(self.methods) != 1 or not arms.get(self.methods[0]).pretrains:
+                pretraining = ", ".join(a.name for a in arms.all_arms() if a.pretrains)
+                raise at(("methods",), f"an Optuna search needs methods: [{pretraining}]")
             if len(self.seeds) != 1:
                 raise at(("seeds",), "an Optuna search takes a single seed (grid seeds by study)")
             for path, values in self.search.items():
@@ -199,8 +204,9 @@ class Spec(_Section):
         if self.scheduler.type == "asha":
             if self.scheduler.grace_period > self.finetune.budget.value:
                 raise at(("scheduler", "grace_period"), "must be <= finetune.budget.value")
-            if names.SUPERVISED_MATCHED in self.methods:
-                raise at(("methods",), "supervised_matched runs longer than ASHA's max_t")
+            for i, method in enumerate(self.methods):
+                if arms.get(method).matched_to is not None:
+                    raise at(("methods", i), f"{method} runs longer than ASHA's max_t")
         if self.resources.gpu > 0 and self.runtime.device == "cpu":
             raise at(("runtime", "device"), "'cpu' with resources.gpu > 0 wastes the GPU")
         return self

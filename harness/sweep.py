@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from harness import cache, console
+from harness.context import SweepContext, label_cache_dir
 from harness.driver import (
     STATE_FILE,
     SweepCallback,
@@ -53,7 +54,7 @@ from harness.tracking import (
     local_artifact_location,
     source_tags,
 )
-from harness.trial import SweepContext, label_cache_dir, run_trial
+from harness.trial import run_trial
 from harness.trials import (
     ResolvedTrial,
     Trial,
@@ -269,12 +270,12 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
     clock = SweepClock(state_path).start()
     try:
         dataroot, version = prepare_data(spec, storage, progress=args.loudness != console.QUIET)
-        if "pretrained" in spec.methods:
+        resolved = [t.resolve(spec) for t in trials]
+        if any(r.needs_pseudo_labels for r in resolved):
             prepare_pseudo_labels(spec, dataroot, version)
         from model.data.dataset import dataset_fingerprint
 
         fingerprint = dataset_fingerprint(dataroot, version)
-        resolved = [t.resolve(spec) for t in trials]
         prepare_index(resolved, dataroot, version, storage)
         source = source_tags(f"harness.sweep {args.spec}")
         tracker = Tracker(
@@ -548,7 +549,7 @@ def optuna_space(spec: Spec) -> dict:
             overrides[path] = tune.loguniform(dist.low, dist.high)
         else:
             overrides[path] = tune.choice(list(dist.values))
-    return {"method": names.PRETRAINED, "seed": spec.seeds[0], "overrides": overrides}
+    return {"method": spec.methods[0], "seed": spec.seeds[0], "overrides": overrides}
 
 
 def _trial_name(trial) -> str:

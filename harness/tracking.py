@@ -199,10 +199,10 @@ def check_artifact_location(tracking_uri: str, experiment: str, study_dir: Path)
     from urllib.parse import urlparse
     from urllib.request import url2pathname
 
-    from analysis.load import _sqlite_path
+    from analysis.load import sqlite_path
 
     location = local_artifact_location(tracking_uri, study_dir)
-    store = _sqlite_path(tracking_uri)
+    store = sqlite_path(tracking_uri)
     if store is not None and store.is_file():  # an existing experiment keeps its location
         from mlflow.tracking import MlflowClient
 

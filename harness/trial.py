@@ -13,53 +13,20 @@ import contextlib
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from harness import cache, console, lifetime
+from harness import console, lifetime
+from harness.context import SweepContext, core_data, core_runtime, run_monitor
+from harness.pretraining import Pretraining, ensure_pretraining
 from harness.spec import Spec, stable_hash
 from harness.tracking import Tracker, error_text, flatten
 from harness.trials import ResolvedTrial, Trial
-
-if TYPE_CHECKING:
-    from harness.trunk import TrunkState
 from model import names
-from model.config import DataConfig, RuntimeConfig
+from model.config import DataConfig
 from model.names import PARENT, PRETRAIN_KEY, ROLE, TRIAL_ID
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SweepContext:
-    """What every trial of one sweep shares; decided by the sweep driver."""
-
-    study: str
-    tracking_uri: str
-    experiment: str
-    sweep_run_id: str
-    storage_dir: str
-    dataroot: str
-    version: str
-    dataset_fingerprint: str
-    spec: dict  # the validated spec, as JSON
-    pretrain_shares: dict[str, int] = field(default_factory=dict)  # pretrain key -> trials
-    wsd_trunks: dict[str, list[int]] = field(default_factory=dict)  # trunk key -> its lengths
-    source_tags: dict[str, str] = field(default_factory=dict)  # mlflow.source.* of the code
-
-
-@dataclass(frozen=True)
-class Pretraining:
-    key: str
-    checkpoint: Path
-    wall_s: float  # whole: a WSD length counts its trunk up to its decay start, plus its branch
-    gpu_s: float
-    run_id: str
-    built_here: bool
-    # The clocks with work shared with other pretrainings (a WSD trunk) divided among them.
-    shared_wall_s: float
-    shared_gpu_s: float
 
 
 def run_trial(config: dict, context: SweepContext) -> None:
@@ -69,7 +36,6 @@ def run_trial(config: dict, context: SweepContext) -> None:
     console.quiet_worker_loggers()
     trial = Trial.from_dict(config["trial"])
     resolved = trial.resolve(Spec.model_validate(context.spec))
-    spec = resolved.spec
     tracker = Tracker(context.tracking_uri, context.experiment)
     run_id, _ = tracker.open_run(
         {ROLE: "trial", TRIAL_ID: trial.key, PARENT: context.sweep_run_id},
@@ -83,11 +49,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
         },
     )
     tracker.set_tags(run_id, _placement())
-    monitor = (
-        tracker.system_metrics(run_id, spec.mlflow.system_metrics_interval_s)
-        if spec.mlflow.system_metrics
-        else contextlib.nullcontext()
-    )
+    monitor = run_monitor(tracker, run_id, resolved)
     try:
         with monitor:
             _run(resolved, context, tracker, run_id)
@@ -171,117 +133,6 @@ def _run(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker, run_i
         shutil.rmtree(work, ignore_errors=True)
 
 
-# --- pretraining, shared -----------------------------------------------------------------------
-
-
-def ensure_pretraining(
-    resolved: ResolvedTrial, context: SweepContext, tracker: Tracker
-) -> Pretraining:
-    """The checkpoint of this trial's pretraining, computed once per key across all trials.
-
-    The computing trial logs it as its own MLflow run (`bev.role=pretrain`); the others wait on
-    the cache lock and reuse it. A WSD pretraining is its trunk's state at its decay start
-    (`ensure_trunk`) plus its own decay branch, cached under its own key all the same.
-    """
-    from model import train as core
-
-    key = resolved.pretrain_key(context.dataset_fingerprint)
-    seed = resolved.trial.seed
-    params = pretrain_params(resolved)
-    trunk_key = resolved.trunk_key(context.dataset_fingerprint)
-
-    def build(work: Path) -> dict:
-        from harness.trunk import ensure_trunk
-
-        trunk = ensure_trunk(resolved, context, tracker) if trunk_key else None
-        run_id, _ = tracker.open_run(
-            {ROLE: "pretrain", PRETRAIN_KEY: key},
-            run_name=f"pretrain-s{seed}-{key[:8]}",
-            tags={
-                PARENT: context.sweep_run_id,
-                "bev.seed": str(seed),
-                names.STUDY: context.study,
-                **({names.TRUNK_KEY: trunk_key} if trunk_key else {}),
-                **context.source_tags,
-            },
-        )
-        runtime = core_runtime(resolved)
-        tracker.log_params(run_id, {**params, **core.effective_runtime(runtime)})
-
-        def on_epoch(report) -> None:
-            tracker.log_metrics(run_id, pretrain_metrics(report, trunk), step=report.epoch)
-
-        spec = resolved.spec
-        monitor = (
-            tracker.system_metrics(run_id, spec.mlflow.system_metrics_interval_s)
-            if spec.mlflow.system_metrics
-            else contextlib.nullcontext()
-        )
-        try:
-            with monitor:
-                checkpoint = core.pretrain(
-                    core_data(resolved, context),
-                    spec.model.build(),
-                    resolved.pretrain,
-                    out_dir=work / "train",
-                    seed=seed,
-                    runtime=runtime,
-                    on_epoch=on_epoch,
-                    init_from=trunk.checkpoint if trunk else None,
-                )
-            log_alignment(tracker, run_id, resolved, context, checkpoint)
-        except Exception as exc:
-            tracker.finish(run_id, "FAILED", error=error_text(exc))
-            raise
-        # The run's last logged clock includes epochs logged before a crash and resume.
-        logged = tracker.client.get_run(run_id).data.metrics
-        tracker.finish(run_id, "FINISHED")
-        wall_s, gpu_s = logged.get(names.CUM_WALL_S, 0.0), logged.get(names.CUM_GPU_S, 0.0)
-        return {
-            "checkpoint": str(Path(checkpoint).resolve().relative_to(work.resolve())),
-            "wall_s": wall_s,
-            "gpu_s": gpu_s,
-            "shared_wall_s": logged.get(names.CUM_WALL_S + names.AMORTISED, wall_s),
-            "shared_gpu_s": logged.get(names.CUM_GPU_S + names.AMORTISED, gpu_s),
-            "run_id": run_id,
-            "seed": seed,
-            "params": params,
-        }
-
-    entry = cache.compute_once(
-        Path(context.storage_dir) / "pretrain",
-        key,
-        build,
-        on_wait=lambda: log.info("trial %s waits for pretraining %s", resolved.name, key),
-    )
-    return Pretraining(
-        key=key,
-        checkpoint=entry.path / entry.meta["checkpoint"],
-        wall_s=float(entry.meta["wall_s"]),
-        gpu_s=float(entry.meta["gpu_s"]),
-        run_id=entry.meta["run_id"],
-        built_here=entry.built_here,
-        shared_wall_s=float(entry.meta.get("shared_wall_s", entry.meta["wall_s"])),
-        shared_gpu_s=float(entry.meta.get("shared_gpu_s", entry.meta["gpu_s"])),
-    )
-
-
-def log_alignment(
-    tracker: Tracker, run_id: str, resolved: ResolvedTrial, context: SweepContext, checkpoint
-) -> None:
-    """The pretraining's target alignment on val (``align/*``, model.diagnostics), logged at
-    its last epoch; skipped with ``runtime.alignment: false``."""
-    runtime = core_runtime(resolved)
-    if not runtime.alignment:
-        return
-    from model.diagnostics import checkpoint_alignment
-
-    metrics = checkpoint_alignment(
-        core_data(resolved, context), checkpoint, resolved.pretrain, runtime
-    )
-    tracker.log_metrics(run_id, metrics, step=0)
-
-
 # --- the core's arguments ----------------------------------------------------------------------
 
 
@@ -298,49 +149,7 @@ def matched_finetune(resolved: ResolvedTrial, data: DataConfig, context: SweepCo
     return resolved.finetune.model_copy(update={"extra_steps": steps})
 
 
-def label_cache_dir(storage_dir: str | Path) -> Path:
-    """The study folder's cache of BEV labels and keyframe indexes, shared by its trials."""
-    return Path(storage_dir) / "labels"
-
-
-def core_data(resolved: ResolvedTrial, context: SweepContext) -> DataConfig:
-    """The spec's data section with what the sweep decided: the dataroot (generated for
-    synthetic data), its version, and the study folder's label cache."""
-    return resolved.spec.data.model_copy(
-        update={
-            "dataroot": context.dataroot,
-            "version": context.version,
-            "cache_dir": str(label_cache_dir(context.storage_dir)),
-        }
-    )
-
-
-def core_runtime(resolved: ResolvedTrial) -> RuntimeConfig:
-    """The spec's runtime section; "auto" becomes the device Ray gave the trial, and no bars."""
-    spec = resolved.spec
-    device = spec.runtime.device
-    if device == "auto":
-        device = "cuda" if spec.resources.gpu > 0 else "cpu"
-    update = {"device": device, "progress": False, "preview": spec.mlflow.log_images}
-    return spec.runtime.model_copy(update=update)
-
-
 # --- what goes to MLflow -----------------------------------------------------------------------
-
-
-def pretrain_params(resolved: ResolvedTrial) -> dict:
-    """A pretraining run's params: the sections that decide it, with the spec's dotted names."""
-    spec = resolved.spec
-    return {
-        **flatten(
-            {
-                "data": spec.data.model_dump(mode="json"),
-                "model": spec.model.model_dump(mode="json"),
-                "pretrain": resolved.pretrain.model_dump(mode="json"),
-            }
-        ),
-        names.SEED: resolved.trial.seed,
-    }
 
 
 def trial_params(resolved: ResolvedTrial, context: SweepContext, finetune=None) -> dict:
@@ -414,23 +223,6 @@ def epoch_metrics(report, pre: Pretraining | None, shares: int) -> dict[str, flo
         names.VAL_WALL_S: float(report.val_wall_s),  # this epoch's validation
         names.STEPS: float(report.steps),
         **report.best,
-    }
-
-
-def pretrain_metrics(report, trunk: TrunkState | None = None) -> dict[str, float]:
-    """A pretraining EpochReport -> its run's metrics. A WSD branch's clocks add its trunk:
-    whole (`time/cum_wall_s`) and divided among the lengths sharing it (`..._amortised`)."""
-    wall, gpu = float(report.cum_wall_s), float(report.cum_gpu_s)
-    metrics = {**report.losses, **report.val, names.VAL_WALL_S: float(report.val_wall_s)}
-    if trunk is None:
-        return {**metrics, names.CUM_WALL_S: wall, names.CUM_GPU_S: gpu}
-    return {
-        **metrics,
-        names.CUM_WALL_S: wall + trunk.wall_s,
-        names.CUM_GPU_S: gpu + trunk.gpu_s,
-        names.CUM_WALL_S + names.AMORTISED: wall + trunk.shared_wall_s,
-        names.CUM_GPU_S + names.AMORTISED: gpu + trunk.shared_gpu_s,
-        "time/branch_wall_s": wall,
     }
 
 

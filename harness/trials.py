@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from harness.spec import PRETRAIN_CACHE_VERSION, Spec, set_path, stable_hash, validate_spec
-from model import names
-from model.config import FinetuneConfig, PretrainConfig
+from harness.spec import Spec, set_path, stable_hash, validate_spec
+from model import arms, names, objectives
+from model.config import WEIGHT_PREFIX, FinetuneConfig, PretrainConfig
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,24 @@ class Trial:
         """The trial's identity (`bev.trial_id`): stable across retries, resumes, processes."""
         return stable_hash(self.to_dict(), 12)
 
+    @property
+    def arm(self) -> arms.Arm:
+        return arms.get(self.method)
+
     def resolve(self, spec: Spec) -> ResolvedTrial:
+        """The spec with the trial's values set and its arm's fine-tuning objectives: the
+        weights of objectives the arm does not use are 0, and those it adds are on."""
         raw = spec.model_dump(mode="json", exclude={"search", "optuna"})
         for path, value in self.overrides:
             set_path(raw, path, value)
+        finetune = raw["finetune"]
+        for name in [n for n in finetune if n.startswith(WEIGHT_PREFIX)]:
+            if name[len(WEIGHT_PREFIX) :] not in self.arm.finetune:
+                finetune[name] = 0.0
+        for objective, weight in self.arm.weights:  # on at the arm's weight unless set
+            field = WEIGHT_PREFIX + objective
+            if not finetune.get(field):
+                finetune[field] = weight
         return ResolvedTrial(self, validate_spec(raw, source=f"trial {self.to_dict()}"))
 
 
@@ -68,15 +82,22 @@ class ResolvedTrial:
 
     @property
     def pretrain(self) -> PretrainConfig | None:
-        # The one place of the rule: a supervised trial has no pretraining.
-        return self.spec.pretrain if self.trial.method == names.PRETRAINED else None
+        """The shared pretraining it fine-tunes from (its arm's ``pretrains``), or None."""
+        return self.spec.pretrain if self.trial.arm.pretrains else None
 
     @property
     def twin(self) -> ResolvedTrial | None:
-        """The pretrained trial whose pretraining the compute-matched arm is matched to."""
-        if self.trial.method != names.SUPERVISED_MATCHED:
+        """The trial whose pretraining a compute-matched arm is given the steps of."""
+        matched_to = self.trial.arm.matched_to
+        if matched_to is None:
             return None
-        return Trial(names.PRETRAINED, self.trial.seed, self.trial.overrides).resolve(self.spec)
+        return Trial(matched_to, self.trial.seed, self.trial.overrides).resolve(self.spec)
+
+    @property
+    def needs_pseudo_labels(self) -> bool:
+        """Whether its pretraining or its fine-tuning reads pseudo-labels."""
+        phases = [self.finetune, *([self.pretrain] if self.pretrain is not None else [])]
+        return any("pseudo_labels" in objectives.needs(p.weights) for p in phases)
 
     @property
     def finetune(self) -> FinetuneConfig:
@@ -115,7 +136,8 @@ class ResolvedTrial:
 
     def _pretrain_identity(self, dataset_fingerprint: str) -> dict:
         return {
-            "cache_version": PRETRAIN_CACHE_VERSION,
+            # A changed objective (its inputs, its sample rule, its loss) is another key.
+            "objectives": objectives.identity(self.pretrain.weights),
             "pretrain": self.pretrain.model_dump(mode="json"),
             "data": self.spec.data.model_dump(mode="json"),
             "dataset": dataset_fingerprint,
@@ -135,16 +157,17 @@ def _short(value: Any) -> str:
 def expand_trials(spec: Spec) -> list[Trial]:
     """Every trial of a grid study (an Optuna study's trials are sampled while it runs).
 
-    Supervised trials take no `pretrain.*` axis (they have no pretraining). Ordered fraction
-    by fraction, pretrained first and seeds interleaved, so trials running at the same time
-    rarely wait on the same pretraining, and the first results cover all methods.
+    Arms without a pretraining take no `pretrain.*` axis. Ordered fraction by fraction, the
+    arms in reverse display order (pretraining arms last in model.arms, so first here) and
+    seeds interleaved, so trials running at the same time rarely wait on the same
+    pretraining, and the first results cover all arms.
     """
     trials: list[Trial] = []
     for method in spec.methods:
         axes = {
             path: values
             for path, values in spec.search.items()
-            if method == names.PRETRAINED or not path.startswith("pretrain.")
+            if arms.get(method).pretrains or not path.startswith("pretrain.")
         }
         for combo in itertools.product(*axes.values()):
             overrides = tuple(sorted(zip(axes, combo, strict=True)))
@@ -153,9 +176,14 @@ def expand_trials(spec: Spec) -> list[Trial]:
 
     def order(trial: Trial) -> tuple:
         value = dict(trial.overrides).get(names.LABEL_FRACTION, spec.finetune.label_fraction)
-        return (value if fraction else 0.0, names.METHODS[::-1].index(trial.method))
+        return (value if fraction else 0.0, not trial.arm.pretrains, -arms.order(trial.method))
 
     return sorted(trials, key=order)
+
+
+def needs_pseudo_labels(spec: Spec) -> bool:
+    """Whether any arm of the spec reads pseudo-labels (the spec's values, no search axis)."""
+    return any(Trial(m, spec.seeds[0]).resolve(spec).needs_pseudo_labels for m in spec.methods)
 
 
 def pretrain_shares(resolved: Iterable[ResolvedTrial], fingerprint: str) -> dict[str, int]:

@@ -9,32 +9,21 @@ longest one's decay start; each length then only adds its own decay (``harness.t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from harness import cache
-from harness.tracking import Tracker, error_text
-from harness.trial import (
+from harness.context import (
     SweepContext,
+    TrunkState,
     core_data,
     core_runtime,
     pretrain_metrics,
     pretrain_params,
 )
+from harness.tracking import Tracker, error_text
 from harness.trials import ResolvedTrial
 from model import names
 from model.names import PARENT, ROLE
-
-
-@dataclass(frozen=True)
-class TrunkState:
-    """A WSD trunk at one length's decay start, and what it cost to get there."""
-
-    checkpoint: Path
-    wall_s: float  # the whole trunk up to here
-    gpu_s: float
-    shared_wall_s: float  # each segment divided among the lengths that branch off after it
-    shared_gpu_s: float
 
 
 def ensure_trunk(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker) -> TrunkState:

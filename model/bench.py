@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from model.bevformer import BEVFormerSeg
 from model.deform_attn import multi_scale_deformable_attn, resolve_impl
 from model.encoder import project_pillars
+from model.forward import EvalForward, eval_mode, forward, history_pass
 from model.geometry import BevGrid
-from model.loop import EvalForward, _eval_mode, _forward, _history
 from model.precision import (
     autocast,
     bf16_autocast_active,
@@ -183,7 +183,7 @@ def train_step(
 ) -> float:
     """One loop step; ``amp`` is ``model.precision.autocast(...)`` (entered twice, as the loop
     does: history pass, then forward)."""
-    with torch.no_grad(), _eval_mode(net), amp:
+    with torch.no_grad(), eval_mode(net), amp:
         prev_bev = timer("history BEV (no_grad)", _bev_features, net, batch)
     with amp:
         feats = timer("backbone + FPN", net.extract_features, batch["images"])
@@ -464,7 +464,7 @@ def compare_eval(state: ArmState, batch: dict, repeats: int) -> tuple[float, flo
 
     def with_history_pass():
         for b in batches:
-            _forward(net, b, _history(net, b, amp), True, amp)
+            forward(net, b, history_pass(net, b, amp), True, amp)
 
     def with_reuse():
         forward = EvalForward(net, amp, use_history=True)
@@ -472,7 +472,7 @@ def compare_eval(state: ArmState, batch: dict, repeats: int) -> tuple[float, flo
             forward(b)
 
     times: dict[str, list[float]] = {"pass": [], "reuse": []}
-    with _eval_mode(net):
+    with eval_mode(net):
         with_history_pass(), with_reuse()  # warm-up
         for round_ in range(repeats):
             order = [("pass", with_history_pass), ("reuse", with_reuse)]

@@ -60,7 +60,7 @@ class BevSegHead(nn.Module):
 
 
 class BEVFormerSeg(nn.Module):
-    """See the module docstring; ``forward`` is the Model API of ``docs/architecture.md``."""
+    """See the module docstring; implements ``model.interface.BevModel``."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int, label_grid: BevGrid):
         super().__init__()
@@ -77,6 +77,7 @@ class BEVFormerSeg(nn.Module):
         self.cams_embeds = nn.Parameter(torch.empty(len(CAMERAS), dim))
         self.encoder = BEVFormerEncoder(cfg, label_grid)
         self.head = BevSegHead(dim, cfg.head_channels, num_classes, label_grid.shape)
+        self.aux = nn.ModuleDict()  # training-only heads of objectives (model.interface)
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def balanced_class_weights(dataset, max_weight: float = 10.0) -> tuple[float, ...]:
-    """Weights from the BEV class frequencies of ``dataset``'s labels (background gets 1)."""
+    """Weights from the BEV class frequencies of ``dataset``'s labelled samples' labels
+    (background gets 1)."""
     n = dataset.label_cfg.num_classes
     counts = np.zeros(n, np.int64)
-    for rec in dataset.records:
+    for rec in dataset.labelled_records:
         label = dataset.label_cache.load(rec.sample_token)
         counts += np.bincount(label.reshape(-1).astype(np.int64), minlength=n)[:n]
     return _sqrt_balanced(counts, max_weight)

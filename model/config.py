@@ -42,6 +42,8 @@ Side = Annotated[int, Field(ge=16, le=4096)]  # an image side in pixels
 ClassWeights = tuple[Positive, ...] | Literal["auto"] | None
 # Evaluate every N periods and after the last one (0: after the last only; None: never).
 ValEvery = Annotated[int, Field(ge=0, le=10**7)] | None
+# A phase config's field ``w_<objective>`` is that objective's weight (model.objectives).
+WEIGHT_PREFIX = "w_"
 
 
 class Config(BaseModel):
@@ -258,6 +260,16 @@ class PhaseConfig(Config):
     bev_aug_yaw_deg: Annotated[float, Field(ge=0, le=180, allow_inf_nan=False)] = 0.0
     val_every: ValEvery = 1
 
+    @property
+    def weights(self) -> dict[str, float]:
+        """Objective -> weight (``model.objectives``): every ``w_<objective>`` field above 0,
+        in the order the fields are declared."""
+        return {
+            name[2:]: value
+            for name, value in self
+            if name.startswith(WEIGHT_PREFIX) and isinstance(value, float) and value
+        }
+
     @model_validator(mode="after")
     def _wsd_budget(self) -> PhaseConfig:
         budget, optim = self.budget, self.optim
@@ -292,10 +304,6 @@ class PretrainConfig(PhaseConfig):
             raise ValueError("pretraining needs pretrain.w_reproj > 0 or pretrain.w_temporal > 0")
         return self
 
-    @property
-    def weights(self) -> dict[str, float]:
-        """Loss term -> weight, only the terms that are on."""
-        return {k: w for k, w in (("reproj", self.w_reproj), ("temporal", self.w_temporal)) if w}
 
 
 class FinetuneConfig(PhaseConfig):
@@ -306,6 +314,9 @@ class FinetuneConfig(PhaseConfig):
     w_bev: Weight = 1.0
     w_reproj: Weight = 0.0
     w_temporal: Weight = 0.0
+    # The perspective head's pseudo-label term (model.objectives "perspective"), on every
+    # training sample; 0 here: the arm that uses it (model.arms "pct") sets it.
+    w_perspective: Weight = 0.0
     # CE class weights (hdmapnet): a tuple, None, or "auto": sqrt(f_background / f_class) over
     # the labelled subset's BEV labels, clipped to [1, 10] (model.class_weights).
     bev_class_weights: ClassWeights = "auto"
@@ -327,10 +338,6 @@ class FinetuneConfig(PhaseConfig):
             )
         return self
 
-    @property
-    def weights(self) -> dict[str, float]:
-        terms = (("bev", self.w_bev), ("reproj", self.w_reproj), ("temporal", self.w_temporal))
-        return {k: w for k, w in terms if w}
 
 
 class RuntimeConfig(Config):

@@ -1,7 +1,7 @@
 """Target alignment of a pretraining on the val split: what its supervision can reach, and how
 much of that its head learnt.
 
-``model.data.alignment`` defines the statistics over labels alone (reach, ceiling,
+``model.data.alignment_stats`` defines the statistics over labels alone (reach, ceiling,
 perspective IoU of the BEV labels); this module adds the two that need the trained network and
 runs all of them for a checkpoint, as the harness does at the end of every pretraining:
 
@@ -23,15 +23,16 @@ import torch
 
 from model import names
 from model.config import DataConfig, PretrainConfig, RuntimeConfig
-from model.data.alignment import (
+from model.data.alignment_stats import (
     AlignmentMeter,
     reached_cells,
     update_perspective_iou,
     update_reached_iou,
 )
 from model.data.labels import is_multilabel
+from model.forward import EvalForward, to_device
 from model.loaders import label_config, make_dataset, make_loader
-from model.loop import EvalForward, _to_device, prepare
+from model.loop import prepare
 from model.metrics import ArgmaxIoU
 from model.precision import autocast
 from model.reprojection import reprojection_grids
@@ -79,7 +80,7 @@ def pretraining_alignment(
     try:
         with torch.no_grad():
             for batch in loader:
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
                 logits = forward(batch)["bev_logits"].float()
                 grids = reprojection_grids(
                     batch["intrinsics"], batch["ego_from_cam"],

@@ -30,6 +30,7 @@ def make_dataset(
     load_prev: bool,
     scenes: Sequence[str] | None = None,
     progress: bool = False,
+    labelled_scenes: Sequence[str] | None = None,
 ) -> NuScenesBevDataset:
     return NuScenesBevDataset(
         data.root,
@@ -42,6 +43,7 @@ def make_dataset(
         cache_dir=data.cache_dir,
         load_prev=load_prev,
         progress=progress,
+        labelled_scenes=labelled_scenes,
     )
 
 

@@ -29,7 +29,6 @@ uninterrupted run (on the same device and thread count).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -44,26 +43,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model import names
-from model.bevformer import BEVFormerSeg
+from model import names, objectives
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.compat import check_resumable, check_trunk
 from model.config import EarlyStopping, EpochReport, OptimConfig, PhaseConfig, RuntimeConfig
-from model.data.labels import is_multilabel
-from model.data.pseudo_labels import pseudo_channel_groups
+from model.forward import evaluate, forward, history_pass, preview, to_device
 from model.geometry import BevGrid
-from model.losses import (
-    NonFiniteLossError,
-    bev_loss,
-    check_finite,
-    reprojection_bce_loss,
-    reprojection_loss,
-    temporal_consistency_loss,
-    weighted_sum,
-)
-from model.metrics import make_metric
+from model.interface import BevModel
+from model.losses import NonFiniteLossError, check_finite, weighted_sum
 from model.precision import autocast, make_adamw, to_channels_last
-from model.reprojection import reproject
 from model.warp import rotate_ego_frame
 
 log = logging.getLogger(__name__)
@@ -101,164 +89,6 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return factor
 
 
-@contextlib.contextmanager
-def _eval_mode(net: torch.nn.Module):
-    was_training = net.training
-    net.eval()
-    try:
-        yield
-    finally:
-        net.train(was_training)
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.to(device, non_blocking=True)
-        elif isinstance(value, dict):
-            out[key] = _to_device(value, device)
-        else:
-            out[key] = value
-    return out
-
-
-# --- the forward pass shared by training and evaluation ----------------------------------------
-
-
-def _history(net: BEVFormerSeg, batch: dict, amp) -> dict | None:
-    """The previous keyframe's outputs without gradients in eval mode (BEVFormer's history
-    BEV). Under ``inference_mode`` (measured 1.09x over ``no_grad`` for this pass on nano, CPU);
-    its tensors are cloned out of it, since the training step saves them for backward."""
-    prev = batch.get("prev")
-    if prev is None:
-        return None
-    with torch.inference_mode(), _eval_mode(net), amp:
-        out = net(prev["images"], prev["intrinsics"], prev["ego_from_cam"])
-    return {key: value.clone() for key, value in out.items()}
-
-
-def _forward(net: BEVFormerSeg, batch: dict, history: dict | None, use_history: bool, amp):
-    prev_bev = history["bev_features"] if (history is not None and use_history) else None
-    with amp:
-        return net(
-            batch["images"],
-            batch["intrinsics"],
-            batch["ego_from_cam"],
-            prev_bev=prev_bev,
-            prev_ego_from_ego=batch["prev_ego_from_ego"] if prev_bev is not None else None,
-            has_prev=batch["has_prev"] if prev_bev is not None else None,
-        )
-
-
-class EvalForward:
-    """The forward of an evaluation pass (eval mode, no gradients), batch after batch, reusing
-    what the pass already computed for the history.
-
-    With the weights fixed, the history BEV of keyframe t (``_history``: backbone, encoder and
-    head on keyframe t-1's images, with no history of its own) is ``net.encode`` of the image
-    features of t-1 without a history, and the pass extracts those features anyway when it
-    reaches t-1. So each batch runs the backbone once, on its own images, encodes them twice
-    (without a history, kept for the keyframes that follow; with one, for the output), and
-    takes the history of each sample from this batch or the one before, by ``prev_token``. A
-    batch whose previous keyframes were not seen (a loader out of order, a subset, a batch
-    without tokens) gets its history from ``_history`` as in training. The values are the same
-    up to the convolutions' summation order for another batch composition (bit-identical on the
-    CPUs measured); the backbone runs half as often, 1.8x per nano batch on a CPU
-    (``python -m model.bench --compare``).
-    """
-
-    def __init__(self, net: BEVFormerSeg, amp, use_history: bool):
-        self.net, self.amp, self.use_history = net, amp, use_history
-        self.seen: dict[str, torch.Tensor] = {}  # sample token -> BEV without a history
-        self.reused = self.recomputed = 0  # batches whose history came from each path
-
-    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        prev_tokens = batch.get("prev_token")
-        if not (self.use_history and "prev" in batch and prev_tokens is not None):
-            history = _history(self.net, batch, self.amp) if self.use_history else None
-            return _forward(self.net, batch, history, self.use_history, self.amp)
-        net = self.net
-        with self.amp:
-            features = net.extract_features(batch["images"])
-            own = net.encode(features, batch["intrinsics"], batch["ego_from_cam"])
-        seen = {**self.seen, **dict(zip(batch["sample_token"], own, strict=True))}
-        pairs = list(zip(prev_tokens, batch["has_prev"].tolist(), strict=True))
-        if all(token in seen for token, has in pairs if has):
-            # Samples without a previous keyframe take their own BEV: the encoder ignores it.
-            prev_bev = torch.stack([seen[t] if has else own[i] for i, (t, has) in enumerate(pairs)])
-            self.reused += 1
-        else:
-            prev_bev = _history(net, batch, self.amp)["bev_features"]
-            self.recomputed += 1
-        self.seen = dict(zip(batch["sample_token"], own, strict=True))
-        with self.amp:
-            bev = net.encode(
-                features,
-                batch["intrinsics"],
-                batch["ego_from_cam"],
-                prev_bev=prev_bev,
-                prev_ego_from_ego=batch["prev_ego_from_ego"],
-                has_prev=batch["has_prev"],
-            )
-            return {"bev_logits": net.decode(bev), "bev_features": bev}
-
-
-@torch.no_grad()
-def evaluate(
-    net: BEVFormerSeg,
-    loader: DataLoader,
-    protocol: str,
-    device: torch.device | str,
-    bf16: bool,
-    use_history: bool = True,
-    progress: bool = False,
-) -> dict[str, float]:
-    """Metrics of ``net`` over every batch of ``loader`` (``model.metrics``: HDMapNet argmax
-    IoU for hdmapnet, best-threshold IoU for fine): ``{"mIoU", "IoU_<class>", ...}``. With
-    ``use_history`` and batches that carry ``prev``, the history BEV is the previous
-    keyframe's, as in training (``EvalForward``). ``bf16``: ``RuntimeConfig.bf16``."""
-    device = torch.device(device)
-    amp = autocast(device, bf16)
-    metric = make_metric(protocol)
-    forward = EvalForward(net, amp, use_history)
-    with _eval_mode(net):
-        for batch in tqdm(loader, desc="val", leave=False, disable=None if progress else True):
-            out = forward(_to_device(batch, device))
-            metric.update(out["bev_logits"].float(), batch["bev_label"])
-    return metric.compute()
-
-
-# Class colours of the preview image (RGB), background first.
-_PALETTE = np.array(
-    [[40, 40, 40], [255, 200, 0], [0, 170, 255], [255, 60, 60], [90, 220, 90], [200, 120, 255]],
-    np.uint8,
-)
-
-
-@torch.no_grad()
-def preview(
-    net: BEVFormerSeg, loader: DataLoader, device, bf16: bool, use_history: bool
-) -> np.ndarray:
-    """The first val sample's BEV prediction (argmax) beside its label: (H, 2W, 3) uint8,
-    ego forward up. Multi-label protocols show the highest-scoring channel above 0.5."""
-    batch = _to_device(next(iter(loader)), torch.device(device))
-    amp = autocast(torch.device(device), bf16)
-    with _eval_mode(net):
-        history = _history(net, batch, amp) if use_history else None
-        logits = _forward(net, batch, history, use_history, amp)["bev_logits"][0].float()
-    label = batch["bev_label"][0]
-    if label.dim() == 3:  # multi-hot (C, H, W): channel index + 1, 0 where none is on
-        pred = torch.where(logits.sigmoid().amax(0) > 0.5, logits.argmax(0) + 1, 0)
-        label = torch.where(label.amax(0) > 0, label.float().argmax(0) + 1, 0)
-    else:
-        pred = logits.argmax(0)
-    palette = _PALETTE[np.arange(256) % len(_PALETTE)]
-    palette[names.IGNORE] = (0, 0, 0)
-    images = [palette[t.cpu().numpy().astype(np.int64)] for t in (pred, label)]
-    return np.concatenate(images, axis=1)
-
-
 # --- one phase -----------------------------------------------------------------------------------
 
 
@@ -268,7 +98,7 @@ class Phase:
 
     name: str  # pretrain | finetune
     cfg: PhaseConfig
-    net: BEVFormerSeg
+    net: BevModel
     loader: DataLoader
     val: DataLoader | None
     seed: int
@@ -296,60 +126,58 @@ class Phase:
         return self.cfg.weights
 
 
-def _loss_terms(phase: Phase, batch: dict, amp) -> dict[str, torch.Tensor]:
+def loss_terms(phase: Phase, batch: dict, amp) -> dict[str, torch.Tensor]:
+    """The phase's active objectives (``model.objectives``) on one batch: ``{name: loss}``."""
     net, weights, cfg = phase.net, phase.weights, phase.cfg
-    need_prev = cfg.use_history or "temporal" in weights
-    history = _history(net, batch, amp) if need_prev else None
-    out = _forward(net, batch, history, cfg.use_history, amp)
+    need_prev = cfg.use_history or "prev" in objectives.needs(weights)
+    history = history_pass(net, batch, amp) if need_prev else None
+    out = forward(net, batch, history, cfg.use_history, amp)
     logits = out["bev_logits"].float()
-    multilabel = is_multilabel(phase.protocol)
-    terms: dict[str, torch.Tensor] = {}
-    if "bev" in weights:
-        terms["bev"] = bev_loss(
-            logits, batch["bev_label"], phase.bev_class_weights, phase.bev_pos_weight
-        )
-    if "reproj" in weights:
-        rep = reproject(
-            logits,
-            batch["intrinsics"],
-            batch["ego_from_cam"],
-            tuple(batch["images"].shape[-2:]),
-            phase.grid,
-            cfg.reprojection.stride,
-            batch["pseudo_labels"],
-        )
-        if multilabel:
-            terms["reproj"] = reprojection_bce_loss(rep, pseudo_channel_groups(phase.protocol))
-        else:
-            terms["reproj"] = reprojection_loss(
-                rep,
-                kind=cfg.reprojection.loss,
-                class_weights=phase.reproj_class_weights,
-                focal_gamma=cfg.reprojection.focal_gamma,
-            )
-    if "temporal" in weights:
-        if history is None:
-            raise ValueError("the temporal loss needs the previous keyframe (load_prev)")
-        terms["temporal"] = temporal_consistency_loss(
-            logits,
-            history["bev_logits"],
-            batch["prev_ego_from_ego"],
-            phase.grid,
-            has_prev=batch["has_prev"],
-            kind=cfg.temporal_loss,
-            multilabel=multilabel,
-        )
-    return terms
+    labelled = batch.get("labelled")  # only in fine-tuning batches that mix unlabelled samples
+
+    step = {"cfg": cfg, "grid": phase.grid, "protocol": phase.protocol, "net": net}
+    seen = {"batch": batch, "out": out, "logits": logits, "history": history}
+    weights_of_classes = {
+        "bev_class_weights": phase.bev_class_weights,
+        "bev_pos_weight": phase.bev_pos_weight,
+        "pseudo_class_weights": phase.reproj_class_weights,
+    }
+
+    def inputs(objective: objectives.Objective) -> objectives.LossInputs:
+        mask = labelled if objective.samples == "labelled" else None
+        return objectives.LossInputs(**step, **seen, mask=mask, **weights_of_classes)
+
+    return objectives.loss_terms(inputs, weights)
 
 
-def prepare(net: BEVFormerSeg, device: torch.device, runtime: RuntimeConfig) -> BEVFormerSeg:
+def train_step(
+    phase: Phase, batch: dict, optimizer: torch.optim.Optimizer, amp, where: str = ""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step on ``batch`` (on the phase's device): the weighted sum of the
+    objectives, backward, NaN/inf guard (one host sync), gradient clipping, AdamW. Returns the
+    total loss and the terms, detached from nothing (the caller sums them)."""
+    terms = loss_terms(phase, batch, amp)
+    loss = weighted_sum(terms, phase.weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        phase.net.parameters(), phase.cfg.optim.grad_clip_norm
+    )
+    check_finite({**terms, "loss": loss.detach()}, where)
+    if not bool(torch.isfinite(grad_norm)):
+        raise NonFiniteLossError(f"non-finite gradient norm {float(grad_norm)} at {where}")
+    optimizer.step()
+    return loss, terms
+
+
+def prepare(net: BevModel, device: torch.device, runtime: RuntimeConfig) -> BevModel:
     """``net`` on ``device``, its backbone + FPN in channels_last if ``runtime`` says so."""
     net.to(device)
     return to_channels_last(net) if runtime.channels_last else net
 
 
 def make_optimizer(
-    net: BEVFormerSeg, cfg: OptimConfig, device: torch.device, fused: bool
+    net: BevModel, cfg: OptimConfig, device: torch.device, fused: bool
 ) -> torch.optim.AdamW:
     """AdamW over the network's parameter groups (``base_lr``: the lr the schedule scales)."""
     groups = net.param_groups(cfg.lr, cfg.backbone_lr_mult)
@@ -501,22 +329,14 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
             torch.manual_seed(_step_seed(phase.seed, step))
             batch = batches.next()
             _set_lr(optimizer, lr_factor(step, plan.total_steps, cfg.optim))
-            batch = _to_device(batch, device)
+            batch = to_device(batch, device)
             if cuda:
                 events.append(_event_pair())
                 events[-1][0].record()
             if cfg.bev_aug_yaw_deg > 0:
                 batch = rotate_ego_frame(batch, phase.grid, cfg.bev_aug_yaw_deg)
-            terms = _loss_terms(phase, batch, amp)
-            loss = weighted_sum(terms, phase.weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip_norm)
             where = f"{phase.name} epoch {period} step {i + 1}"
-            check_finite({**terms, "loss": loss.detach()}, where)
-            if not bool(torch.isfinite(grad_norm)):
-                raise NonFiniteLossError(f"non-finite gradient norm {float(grad_norm)} at {where}")
-            optimizer.step()
+            loss, terms = train_step(phase, batch, optimizer, amp, where)
             step += 1
             bar.update()
             if cuda:

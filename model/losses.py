@@ -234,3 +234,25 @@ def check_finite(terms: Mapping[str, torch.Tensor], where: str = "") -> None:
         f"non-finite loss term {', '.join(bad)}{place}; lower the learning rate, check the "
         "inputs of that term, or resume from the last checkpoint"
     )
+
+
+def perspective_loss(
+    logits: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    class_weights: Sequence[float] | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of perspective logits (B, 6, C, H, W) against class-id pseudo-labels
+    (B, 6, H, W) of the same size; IGNORE pixels do not count, nor samples where ``mask``
+    (B,) is False. ``class_weights`` as ``F.cross_entropy(weight=...)``."""
+    if mask is not None:
+        logits, pseudo_labels = logits[mask], pseudo_labels[mask]
+    labels = pseudo_labels.to(logits.device, torch.int64)
+    if not (labels != IGNORE).any():
+        return _zero_like_graph(logits)
+    weight = None
+    if class_weights is not None:
+        weight = torch.as_tensor(class_weights, dtype=torch.float32, device=logits.device)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(0, 1), weight=weight, ignore_index=IGNORE
+    )

@@ -12,14 +12,6 @@ from __future__ import annotations
 
 IGNORE = 255  # a label or pseudo-label value the losses and metrics skip
 
-# --- methods (the study's arms) ------------------------------------------------------------------
-
-SUPERVISED, PRETRAINED = "supervised", "pretrained"
-# The supervised arm given the optimiser steps its pretrained twin spent in pretraining: it
-# separates "pretraining helps" from "more compute helps".
-SUPERVISED_MATCHED = "supervised_matched"
-METHODS: tuple[str, ...] = (SUPERVISED, SUPERVISED_MATCHED, PRETRAINED)
-
 # --- run tags ------------------------------------------------------------------------------------
 
 ROLE = "bev.role"  # sweep | pretrain | pretrain_trunk | trial
@@ -41,7 +33,7 @@ PRETRAIN_EPOCHS = "pretrain.budget.value"  # the length (unit: pretrain.budget.u
 FINETUNE_EPOCHS = "finetune.budget.value"
 W_REPROJ, W_TEMPORAL, W_BEV = "pretrain.w_reproj", "pretrain.w_temporal", "finetune.w_bev"
 PRESET = "model.preset"
-VARIANT = "variant"  # a trial's arm and cell: `pretrained@0.5`
+VARIANT = "variant"  # a trial's arm and cell: `<arm>@0.5` (arms: model.arms)
 LABELLED_SAMPLES = "labelled_samples"
 
 # Every class of every label protocol, in the order tables list them (model.data.labels).

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 # Official pillar heights moved from the lidar frame (z in [-5, 3] m, 4 points at bin centres)
 # to the ego frame: + 1.84 m, the nuScenes lidar mounting height.
 _LIDAR_HEIGHT_M = 1.84
+# The networks ``model.train.build_model`` knows (``ModelConfig.architecture``).
+ARCHITECTURES = ("bevformer",)
+
 OFFICIAL_Z_ANCHORS_M: tuple[float, ...] = tuple(
     round(-5.0 + 8.0 * (0.5 + i * 7.0 / 3.0) / 8.0 + _LIDAR_HEIGHT_M, 3) for i in range(4)
 )
@@ -35,6 +38,8 @@ class ModelConfig:
     """Everything that shapes a ``BEVFormerSeg``; plain values, hashable, JSON-able."""
 
     name: str = "custom"
+    # Which network ``model.train.build_model`` builds (``model.interface.BevModel``).
+    architecture: str = "bevformer"
     # --- image backbone (torchvision ResNet) + FPN ---
     backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
     # ResNet stages (1..4) whose outputs feed the FPN; the network is truncated after the last.
@@ -65,6 +70,10 @@ class ModelConfig:
     head_channels: int = 64
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {self.architecture!r}; allowed: {ARCHITECTURES}"
+            )
         if self.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
             raise ValueError(f"unknown backbone {self.backbone!r}")
         stages = tuple(self.backbone_out_stages)

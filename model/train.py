@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from model import names
+from model import names, objectives
 from model.bevformer import BEVFormerSeg
 from model.checkpoint import load_checkpoint
 from model.class_weights import (
@@ -50,9 +50,11 @@ from model.data.label_cache import default_cache_dir
 from model.data.labels import class_names
 from model.data.pseudo_labels import ensure_synthetic
 from model.data.subsets import label_subset
+from model.forward import evaluate
 from model.geometry import BevGrid
+from model.interface import BevModel
 from model.loaders import make_dataset, train_loader, val_loader
-from model.loop import Phase, evaluate, prepare, run_phase, schedule, seed_everything
+from model.loop import Phase, prepare, run_phase, schedule, seed_everything
 from model.precision import (
     bf16_autocast_active,
     can_keep_freed_memory,
@@ -106,9 +108,26 @@ def pin_threads(threads: int) -> None:
         torch.set_num_interop_threads(1)
 
 
-def build_model(model: ModelConfig, num_classes: int, grid: BevGrid, seed: int) -> BEVFormerSeg:
+def build_model(model: ModelConfig, num_classes: int, grid: BevGrid, seed: int) -> BevModel:
+    """The network ``model.architecture`` names (``model.interface.BevModel``), initialised
+    from ``seed``."""
     torch.manual_seed(seed)
-    return BEVFormerSeg(model, num_classes=num_classes, label_grid=grid)
+    if model.architecture == "bevformer":
+        return BEVFormerSeg(model, num_classes=num_classes, label_grid=grid)
+    raise ValueError(f"no network for architecture {model.architecture!r}")
+
+
+def pseudo_label_weights(cfg: PhaseConfig, data: DataConfig, dataset) -> tuple[float, ...] | None:
+    """The class weights of the pseudo-label terms (``cfg.reprojection.class_weights``), when an
+    active objective reads pseudo-labels."""
+    if "pseudo_labels" not in objectives.needs(cfg.weights):
+        return None
+    return resolve_class_weights(
+        cfg.reprojection.class_weights,
+        data.protocol,
+        lambda: pseudo_label_class_weights(dataset),
+        "pseudo-label",
+    )
 
 
 def ensure_pseudo_labels(data: DataConfig) -> None:
@@ -141,21 +160,21 @@ def pretrain(
     seed_everything(seed)
     num_classes = len(class_names(data.protocol))
     grid = data.label_grid(model)
-    load_prev = cfg.use_history or "temporal" in cfg.weights
-    ensure_pseudo_labels(data)
-    dataset = make_dataset(data, model, data.train_split, data.resolved_pseudo_labels, load_prev)
-    reproj_weights = resolve_class_weights(
-        cfg.reprojection.class_weights,
-        data.protocol,
-        lambda: pseudo_label_class_weights(dataset),
-        "reprojection",
-    )
+    needs = objectives.needs(cfg.weights)
+    load_prev = cfg.use_history or "prev" in needs
+    pseudo = data.resolved_pseudo_labels if "pseudo_labels" in needs else None
+    if pseudo is not None:
+        ensure_pseudo_labels(data)
+    dataset = make_dataset(data, model, data.train_split, pseudo, load_prev)
+    reproj_weights = pseudo_label_weights(cfg, data, dataset)
     meta = checkpoint_meta(data, model, cfg, seed, grid, num_classes)
     meta.update(reproj_class_weights=list(reproj_weights) if reproj_weights else None)
+    net = build_model(model, num_classes, grid, seed)
+    objectives.add_heads(net, cfg.weights, data.protocol)
     phase = Phase(
         name="pretrain",
         cfg=cfg,
-        net=build_model(model, num_classes, grid, seed),
+        net=net,
         loader=train_loader(dataset, data, cfg.batch_size, seed),
         val=None
         if cfg.val_every is None
@@ -197,29 +216,33 @@ def finetune(
     grid = data.label_grid(model)
     train_scenes = split_scenes(data.root, data.resolved_version, data.train_split)
     subset = label_subset(train_scenes, cfg.label_fraction, seed)
-    pseudo = data.resolved_pseudo_labels if "reproj" in cfg.weights else None
-    load_prev = cfg.use_history or "temporal" in cfg.weights
+    needs = objectives.needs(cfg.weights)
+    pseudo = data.resolved_pseudo_labels if "pseudo_labels" in needs else None
+    load_prev = cfg.use_history or "prev" in needs
     if pseudo is not None:
         ensure_pseudo_labels(data)
-    dataset = make_dataset(data, model, data.train_split, pseudo, load_prev, scenes=subset.scenes)
+    # An objective on every training sample (pseudo-labels are free) reads the whole split,
+    # each sample marked labelled or not; otherwise the loader holds the labelled subset only.
+    mixed = objectives.uses_every_sample(cfg.weights)
+    dataset = make_dataset(
+        data,
+        model,
+        data.train_split,
+        pseudo,
+        load_prev,
+        scenes=None if mixed else subset.scenes,
+        labelled_scenes=subset.scenes if mixed else None,
+    )
     class_weights = resolve_class_weights(
         cfg.bev_class_weights, data.protocol, lambda: balanced_class_weights(dataset), "BEV"
     )
-    reproj_weights = (
-        resolve_class_weights(
-            cfg.reprojection.class_weights,
-            data.protocol,
-            lambda: pseudo_label_class_weights(dataset),
-            "reprojection",
-        )
-        if pseudo
-        else None
-    )
+    reproj_weights = pseudo_label_weights(cfg, data, dataset)
     net = build_model(model, num_classes, grid, seed)
     if init_checkpoint is not None:
         state = load_checkpoint(init_checkpoint)
         check_init(state, init_checkpoint, model, data.protocol, grid)
-        net.load_state_dict(state["model"])
+        net.load_state_dict(without_aux(state["model"]))
+    objectives.add_heads(net, cfg.weights, data.protocol)
     meta = checkpoint_meta(data, model, cfg, seed, grid, num_classes)
     meta.update(
         subset={"fraction": cfg.label_fraction, "seed": seed, "scenes": list(subset.scenes)},
@@ -234,7 +257,7 @@ def finetune(
         loader=train_loader(dataset, data, cfg.batch_size, seed),
         val=val_loader(data, model, cfg.batch_size, cfg.use_history),
         seed=seed,
-        labelled_samples=len(dataset),
+        labelled_samples=dataset.labelled_count,
         protocol=data.protocol,
         grid=grid,
         device=device,
@@ -252,7 +275,7 @@ def finetune(
     last = history[-1]
     return FinetuneResult(
         val=last.val,
-        labelled_samples=len(dataset),
+        labelled_samples=dataset.labelled_count,
         labelled_scenes=subset.scenes,
         epochs=last.epoch,
         cum_wall_s=last.cum_wall_s,
@@ -270,16 +293,23 @@ def planned_steps(data: DataConfig, cfg: PhaseConfig) -> int:
     return schedule(cfg, math.ceil(len(records) / cfg.batch_size)).total_steps
 
 
-def load_model(checkpoint: Path | str, device: torch.device | str = "cpu") -> BEVFormerSeg:
-    """The network of a checkpoint written by ``pretrain`` or ``finetune``, in eval mode."""
+def load_model(checkpoint: Path | str, device: torch.device | str = "cpu") -> BevModel:
+    """The network of a checkpoint written by ``pretrain`` or ``finetune``, in eval mode,
+    without the training-only heads of its objectives."""
     state = load_checkpoint(checkpoint)
-    net = BEVFormerSeg(
+    net = build_model(
         ModelConfig.from_dict(state["model_cfg"]),
-        num_classes=int(state["num_classes"]),
-        label_grid=BevGrid(**state["grid"]),
+        int(state["num_classes"]),
+        BevGrid(**state["grid"]),
+        seed=0,
     )
-    net.load_state_dict(state["model"])
+    net.load_state_dict(without_aux(state["model"]))
     return net.to(device).eval()
+
+
+def without_aux(weights: dict) -> dict:
+    """A state dict without the training-only heads of objectives (``net.aux``)."""
+    return {key: value for key, value in weights.items() if not key.startswith("aux.")}
 
 
 def evaluate_checkpoint(

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.data.alignment import (
-    PROG,
+from model.data.alignment import PROG, main
+from model.data.alignment_stats import (
     AlignmentMeter,
     chance_miou,
-    main,
     one_hot_logits,
     ray_cells,
     reached_cells,

@@ -11,8 +11,8 @@ import torch
 from model.bevformer import BEVFormerSeg
 from model.data.dataset import NuScenesBevDataset, make_loader
 from model.data.labels import LabelConfig
+from model.forward import EvalForward, evaluate, forward, history_pass
 from model.geometry import BevGrid
-from model.loop import EvalForward, _forward, _history, evaluate
 from model.presets import get_preset
 
 NANO = get_preset("nano", image_size=(48, 80))
@@ -37,7 +37,7 @@ def net():
 
 def _recomputed(net, batch):
     """The training step's way: the history pass on the previous keyframe's images."""
-    return _forward(net, batch, _history(net, batch, AMP), True, AMP)
+    return forward(net, batch, history_pass(net, batch, AMP), True, AMP)
 
 
 def _backbone_images(net, fn) -> int:

@@ -19,11 +19,12 @@ from model.config import (
     PretrainConfig,
     RuntimeConfig,
 )
-from model.data.alignment import chance_miou as alignment_chance_miou
+from model.data.alignment_stats import chance_miou as alignment_chance_miou
 from model.data.dataset import NuScenesBevDataset, make_loader, split_scenes
 from model.data.labels import HDMAPNET_CLASSES, LabelConfig
 from model.data.subsets import label_subset
-from model.loop import evaluate, lr_factor
+from model.forward import evaluate
+from model.loop import lr_factor
 from model.losses import NonFiniteLossError
 from model.names import IGNORE
 from model.presets import get_preset

@@ -416,8 +416,12 @@ class NuScenesBevDataset(Dataset):
         load_prev: bool = True,
         label_workers: int | None = None,
         progress: bool = True,
+        labelled_scenes: Sequence[str] | None = None,
     ) -> None:
         self.dataroot = check_dataroot(dataroot, version)
+        # A fine-tuning set that mixes labelled and unlabelled samples: each sample says which
+        # it is (``labelled``), and only the labelled ones may be used for BEV supervision.
+        self.labelled_scenes = None if labelled_scenes is None else frozenset(labelled_scenes)
         self.version = version
         self.split = split
         self.image_size = (int(image_size[0]), int(image_size[1]))
@@ -445,6 +449,17 @@ class NuScenesBevDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def is_labelled(self, rec: SampleRecord) -> bool:
+        return self.labelled_scenes is None or rec.scene_name in self.labelled_scenes
+
+    @property
+    def labelled_records(self) -> list[SampleRecord]:
+        return [r for r in self.records if self.is_labelled(r)]
+
+    @property
+    def labelled_count(self) -> int:
+        return len(self.labelled_records)
 
     @property
     def scene_names(self) -> list[str]:
@@ -544,6 +559,8 @@ class NuScenesBevDataset(Dataset):
                 self._cameras(prev_rec) if has_prev else dict(self._cameras_view(sample))
             )
         sample["bev_label"] = self._bev_label(rec)
+        if self.labelled_scenes is not None:
+            sample["labelled"] = torch.tensor(self.is_labelled(rec))
         sample["sample_token"] = rec.sample_token
         sample["prev_token"] = prev_rec.sample_token if has_prev else ""
         sample["scene_name"] = rec.scene_name
