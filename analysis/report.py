@@ -172,9 +172,8 @@ def make_figures(analysis: Analysis) -> dict:
     from analysis.stats import LabelSavings
 
     savings = [LabelSavings(**row) for row in analysis.savings.to_dict("records")]
-    trials = analysis.trials
+    trials, lengths = analysis.trials, {}
     pretrained = trials[trials["method"].isin(arms.pretraining())]
-    lengths = {}
     if "pretrain_epochs" in pretrained and pretrained["pretrain_epochs"].nunique() > 1:
         lengths["miou_vs_pretrain_length"] = curves.plot_miou_vs_pretrain_length(
             trials, analysis.confidence

@@ -2,10 +2,9 @@
 against a reference cell with the power of the paired test, label savings with a seed bootstrap,
 time-to-target on the mean curves, and the time-vs-mIoU Pareto front.
 
-The table builders take the frames of `analysis.load` (usually filtered with `analysed_trials`):
-the one-row-per-trial frame (columns `variant`, `method`, `label_fraction`, `seed`, `val_mIoU`
-and the `cum_*_s*` time columns) or, for time-to-target, the per-epoch frame. The statistics
-under them are plain functions of arrays. docs/analysis.md gives every formula.
+The table builders take `analysis.load`'s one-row-per-trial frame (`variant`, `method`,
+`label_fraction`, `seed`, `val_mIoU`, `cum_*_s*`) or, for time-to-target, its per-epoch frame;
+the statistics under them are plain functions of arrays (formulas: docs/analysis.md).
 """
 
 from __future__ import annotations
@@ -25,11 +24,9 @@ CONFIDENCE = 0.95
 POWER = 0.8
 REFERENCE_FRACTION = 1.0
 # Time accountings of time-to-target, in report order, with their labels.
-TARGET_ACCOUNTINGS = {
-    "incl_pretrain": "incl. full pretraining",
-    "amortised": "incl. amortised pretraining",
-    "own": "fine-tuning only",
-}
+TARGET_ACCOUNTINGS = {"incl_pretrain": "incl. full pretraining",
+                      "amortised": "incl. amortised pretraining",
+                      "own": "fine-tuning only"}  # fmt: skip
 # Two means closer than this count as equal (">=" in the label-savings definition).
 _TIE_TOLERANCE = 1e-9
 
@@ -160,9 +157,8 @@ def label_savings(
     a bound is None where the replicates there never reach the reference.
     """
     ref_variant = reference_variant(trials)
-    if variant is None:  # the first arm under test (model.arms) the study ran
-        tested = [m for m in arms.methods_under_test() if (trials["method"] == m).any()]
-        variant = tested[0] if tested else ""
+    if variant is None:  # the first arm under test (model.arms) that the study ran
+        variant = next((m for m in arms.methods_under_test() if (trials.method == m).any()), "")
     mine = trials[trials["variant"] == variant]
     if ref_variant is None or mine.empty:
         return None
@@ -223,9 +219,8 @@ def label_savings(
 
 
 def label_savings_table(trials: pd.DataFrame, **kwargs) -> pd.DataFrame:
-    """`label_savings` for every pretrained variant, one row each."""
-    rows = []
-    tested = trials["method"].isin(arms.methods_under_test())
+    """`label_savings` for every variant of an arm under test (model.arms), one row each."""
+    rows, tested = [], trials.method.isin(arms.methods_under_test())
     for variant in sorted(trials.loc[tested, "variant"].unique()):
         result = label_savings(trials, variant=variant, **kwargs)
         if result is not None:

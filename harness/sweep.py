@@ -396,8 +396,7 @@ def prepare_index(resolved: list, dataroot: Path, version: str, storage: Path) -
     instead of importing the devkit and loading its tables."""
     from model.data.dataset import index_split
 
-    splits = {s for r in resolved for s in (r.spec.data.train_split, r.spec.data.val_split)}
-    for split in sorted(splits):
+    for split in sorted({s for r in resolved for s in (r.spec.data.train_split, r.spec.data.val_split)}):  # noqa: E501
         index_split(dataroot, version, split, cache_dir=label_cache_dir(storage))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from harness import console, lifetime
 from harness.context import SweepContext, core_data, core_runtime, run_monitor
 from harness.pretraining import Pretraining, ensure_pretraining
-from harness.spec import Spec, stable_hash
+from harness.spec import stable_hash
 from harness.tracking import Tracker, error_text, flatten
 from harness.trials import ResolvedTrial, Trial
 from model import names
@@ -35,7 +35,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
     lifetime.exit_on_ignored_exit()  # Ray's SIGTERM ends an idle worker without a traceback
     console.quiet_worker_loggers()
     trial = Trial.from_dict(config["trial"])
-    resolved = trial.resolve(Spec.model_validate(context.spec))
+    resolved = trial.resolve(context.spec)  # the spec's one validation in this trial
     tracker = Tracker(context.tracking_uri, context.experiment)
     run_id, _ = tracker.open_run(
         {ROLE: "trial", TRIAL_ID: trial.key, PARENT: context.sweep_run_id},
@@ -84,7 +84,8 @@ def _run(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker, run_i
     )
     config = trial_config(resolved, context, pretraining, shares)
     tracker.log_json(run_id, config, "trial_config.json")
-    log_datasets(tracker, run_id, resolved, context)
+    subset = core.labelled_subset(data, finetune_cfg, resolved.trial.seed)
+    log_datasets(tracker, run_id, resolved, context, subset.scenes)
 
     work = Path(tempfile.mkdtemp(prefix="bev-trial-"))
     restored = tune.get_checkpoint()
@@ -122,6 +123,7 @@ def _run(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker, run_i
             init_checkpoint=pretraining.checkpoint if pretraining else None,
             runtime=runtime,
             on_epoch=on_epoch,
+            subset=subset,
         )
         tracker.log_params(run_id, {names.LABELLED_SAMPLES: result.labelled_samples})
         if not last:  # resumed after its last epoch: nothing was reported in this attempt
@@ -227,22 +229,19 @@ def epoch_metrics(report, pre: Pretraining | None, shares: int) -> dict[str, flo
 
 
 def log_datasets(
-    tracker: Tracker, run_id: str, resolved: ResolvedTrial, context: SweepContext
+    tracker: Tracker,
+    run_id: str,
+    resolved: ResolvedTrial,
+    context: SweepContext,
+    scenes: tuple[str, ...],
 ) -> None:
     """The trial's inputs as MLflow datasets: the train split (digest: the dataset
-    fingerprint), its labelled subset (its own digest and scene list) and the val split."""
-    from model.data.dataset import split_scenes
-    from model.data.subsets import label_subset
-
+    fingerprint), its labelled subset (``scenes``: its own digest and scene list) and the val
+    split."""
     data = resolved.spec.data
     root, version = context.dataroot, context.version
     base = f"{data.source}-{version}"
-    subset = label_subset(
-        split_scenes(root, version, data.train_split),
-        resolved.finetune.label_fraction,
-        resolved.trial.seed,
-    )
-    scenes = list(subset.scenes)
+    scenes = list(scenes)
     fingerprint = context.dataset_fingerprint
     tracker.log_dataset(
         run_id, f"{base}-{data.train_split}", fingerprint, root, {"split": data.train_split},

@@ -9,6 +9,7 @@ resolved.trunk_key(fingerprint)           # which WSD trunk that pretraining bra
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,10 +57,13 @@ class Trial:
     def arm(self) -> arms.Arm:
         return arms.get(self.method)
 
-    def resolve(self, spec: Spec) -> ResolvedTrial:
+    def resolve(self, spec: Spec | dict) -> ResolvedTrial:
         """The spec with the trial's values set and its arm's fine-tuning objectives: the
-        weights of objectives the arm does not use are 0, and those it adds are on."""
-        raw = spec.model_dump(mode="json", exclude={"search", "optuna"})
+        weights of objectives the arm does not use are 0, and those it adds are on. ``spec``
+        may be a validated spec's JSON (what a trial worker receives): validated once, here."""
+        if isinstance(spec, Spec):
+            spec = spec.model_dump(mode="json")
+        raw = copy.deepcopy({k: v for k, v in spec.items() if k not in ("search", "optuna")})
         for path, value in self.overrides:
             set_path(raw, path, value)
         finetune = raw["finetune"]
@@ -87,11 +91,12 @@ class ResolvedTrial:
 
     @property
     def twin(self) -> ResolvedTrial | None:
-        """The trial whose pretraining a compute-matched arm is given the steps of."""
+        """The trial whose pretraining a compute-matched arm is given the steps of. Arms
+        differ in their fine-tuning only, so the twin's pretraining is this spec's."""
         matched_to = self.trial.arm.matched_to
         if matched_to is None:
             return None
-        return Trial(matched_to, self.trial.seed, self.trial.overrides).resolve(self.spec)
+        return ResolvedTrial(Trial(matched_to, self.trial.seed, self.trial.overrides), self.spec)
 
     @property
     def needs_pseudo_labels(self) -> bool:

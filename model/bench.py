@@ -11,7 +11,7 @@ every implementation that can run on the device.
 ``--compare`` instead times each speed switch of ``model.precision`` (channels_last, fused
 AdamW, bf16 autocast, keeping freed memory, all together; on CUDA also the attention
 implementations) against the plain float32 step, the step of the loop before these switches
-(its history pass under no_grad in every arm: the loop's inference_mode is not counted). Keeping
+(the loop's own step in every arm). Keeping
 freed memory is process-wide: it is set before each arm's block (off: glibc's static 128 KiB
 thresholds). The arms are interleaved in one process: every repeat runs a block of
 ``--steps`` steps of each arm, in an order that rotates between repeats, on the same inputs
@@ -22,11 +22,11 @@ step's counted operations at the best convolution rate measured here, and the la
 over the first arm that any switch keeping those operations could reach on this machine; then
 an evaluation pass with the history pass against ``loop.EvalForward``'s reuse of it.
 
-The step is what a training loop does per batch: the previous keyframe's BEV under no_grad
-(the history, as the official BEVFormer computes it), then forward, loss, backward and an
-AdamW step. The reprojection and loss rows use ``model.reprojection`` / ``model.losses`` when
-they exist; without them the loss is a stand-in cross-entropy on ``bev_logits`` and the
-table says so.
+The step is the training loop's own (``model.loop.train_step``) on a pretraining phase with
+the reprojection objective: the previous keyframe's BEV under inference mode (the history, as
+the official BEVFormer computes it), forward, loss, backward, the NaN/inf guard, clipping and
+an AdamW step. The stage rows come from forward hooks on the backbone, the encoder and the
+seg head; the losses, backward and optimizer are the rest of the step.
 """
 
 from __future__ import annotations
@@ -40,15 +40,17 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from model.bevformer import BEVFormerSeg
+from model.config import PretrainConfig, RuntimeConfig
 from model.deform_attn import multi_scale_deformable_attn, resolve_impl
 from model.encoder import project_pillars
 from model.forward import EvalForward, eval_mode, forward, history_pass
 from model.geometry import BevGrid
+from model.loop import Phase, train_step
 from model.precision import (
     autocast,
     bf16_autocast_active,
@@ -104,106 +106,83 @@ class Timer:
         return out
 
 
-@dataclass
-class LossHooks:
-    """How the bench computes reprojection and the loss; C2's modules when present."""
-
-    description: str
-    reprojection: Callable | None
-    loss: Callable
-
-
-def _loss_hooks(num_classes: int) -> LossHooks:
-    try:
-        from model import losses, reprojection  # owned by the training-core helper
-    except ImportError:
-        why = "model.reprojection / model.losses not found"
-    else:
-        hooks = _project_loss_hooks(reprojection, losses)
-        if hooks is not None:
-            return hooks
-        why = "model.reprojection / model.losses lack the functions the bench knows"
-
-    def stand_in(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(logits, batch["bev_label"])
-
-    return LossHooks(f"stand-in BEV cross-entropy ({why})", None, stand_in)
-
-
-def _project_loss_hooks(reprojection, losses) -> LossHooks | None:
-    """Wire the project's reprojection + losses in, if their API is the one we know."""
-    sample_fn = getattr(reprojection, "reproject_bev_logits", None)
-    grids_fn = getattr(reprojection, "reprojection_grids", None)
-    loss_fn = getattr(losses, "reprojection_loss", None)
-    if sample_fn is None or grids_fn is None or loss_fn is None:
-        return None
-
-    def reproject(logits: torch.Tensor, batch: dict):
-        grids = grids_fn(
-            batch["intrinsics"], batch["ego_from_cam"], batch["image_hw"], batch["grid"]
-        )
-        return sample_fn(logits, grids)
-
-    def loss(reprojected, batch: dict) -> torch.Tensor:
-        return loss_fn(reprojected, batch["pseudo_labels"])
-
-    return LossHooks("model.reprojection + model.losses.reprojection_loss", reproject, loss)
-
-
 def make_batch(cfg: ModelConfig, grid: BevGrid, batch: int, num_classes: int, device) -> dict:
     gen = torch.Generator().manual_seed(0)
     h, w = cfg.image_size
     intrinsics, ego_from_cam = synthetic_rig(batch, (h, w), device)
     prev_ego_from_ego = torch.eye(4).repeat(batch, 1, 1)
     prev_ego_from_ego[:, 0, 3] = 2.0  # drove 2 m forward since the previous keyframe
-    return {
+    out = {
         "images": torch.randn(batch, 6, 3, h, w, generator=gen).to(device),
         "intrinsics": intrinsics,
         "ego_from_cam": ego_from_cam,
         "prev_ego_from_ego": prev_ego_from_ego.to(device),
         "bev_label": torch.randint(0, num_classes, (batch, *grid.shape), generator=gen).to(device),
         "pseudo_labels": torch.randint(0, num_classes, (batch, 6, h, w), generator=gen).to(device),
-        "image_hw": (h, w),
-        "grid": grid,
     }
+    # The previous keyframe (the history pass's input): the same images, as if standing still.
+    out["prev"] = {k: out[k] for k in ("images", "intrinsics", "ego_from_cam")}
+    out["has_prev"] = torch.ones(batch, dtype=torch.bool, device=device)
+    return out
 
 
-class Untimed:
-    """A ``Timer`` stand-in that only runs the stage: whole steps are timed from outside."""
+def bench_phase(net: BEVFormerSeg, grid: BevGrid, device, bf16: bool) -> Phase:
+    """The loop's ``Phase`` for the bench's step: pretraining's reprojection objective on the
+    synthetic batch, with the history pass (the temporal term off: the batch's previous
+    keyframe is the current one). No data, no checkpoint: the bench calls ``train_step``."""
+    return Phase(
+        name="pretrain",
+        cfg=PretrainConfig(w_reproj=1.0, w_temporal=0.0),
+        net=net,
+        loader=None,
+        val=None,
+        seed=0,
+        labelled_samples=0,
+        protocol="hdmapnet",
+        grid=grid,
+        device=torch.device(device),
+        runtime=RuntimeConfig(bf16=bf16),
+        checkpoint_path=Path(),
+        meta={},
+    )
 
-    def __init__(self, device: torch.device):
-        self.device = device
 
-    def __call__(self, name: str, fn: Callable, *args, **kwargs):
-        return fn(*args, **kwargs)
+def step(phase: Phase, opt: torch.optim.Optimizer, batch: dict, amp) -> None:
+    """One step of the training loop itself (``model.loop.train_step``)."""
+    train_step(phase, batch, opt, amp, "bench")
 
 
-def train_step(
-    net, opt, batch, hooks: LossHooks, timer: Timer | Untimed, amp: AbstractContextManager
-) -> float:
-    """One loop step; ``amp`` is ``model.precision.autocast(...)`` (entered twice, as the loop
-    does: history pass, then forward)."""
-    with torch.no_grad(), eval_mode(net), amp:
-        prev_bev = timer("history BEV (no_grad)", _bev_features, net, batch)
-    with amp:
-        feats = timer("backbone + FPN", net.extract_features, batch["images"])
-        bev = timer(
-            "encoder",
-            net.encode,
-            feats,
-            batch["intrinsics"],
-            batch["ego_from_cam"],
-            prev_bev,
-            batch["prev_ego_from_ego"],
-        )
-        logits = timer("seg head", net.decode, bev)
-        target = logits
-        if hooks.reprojection is not None:
-            target = timer("reprojection", hooks.reprojection, logits.float(), batch)
-        loss = timer("loss", hooks.loss, target.float(), batch)
-    timer("backward", loss.backward)
-    timer("optimizer", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
-    return loss.item()
+class StageTimer:
+    """Wall time per stage of whole loop steps, from forward hooks on the network's parts
+    (CUDA synchronised around each): backbone + FPN, encoder and seg head, those of the
+    history pass (the network in eval mode) apart; the rest of the step (losses, backward,
+    optimizer) is what the stages leave of the step's time."""
+
+    STAGES = (("backbone", "backbone + FPN"), ("encoder", "encoder"), ("head", "seg head"))
+    HISTORY = "history BEV (no_grad)"
+
+    def __init__(self, net: BEVFormerSeg, device: torch.device):
+        self.device, self.totals, self._started = device, {}, {}
+        for attr, name in self.STAGES:
+            module = getattr(net, attr)
+            module.register_forward_pre_hook(lambda m, args, name=name: self._start(name))
+            module.register_forward_hook(lambda m, args, out, name=name: self._stop(m, name))
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _start(self, name: str) -> None:
+        self.sync()
+        self._started[name] = time.perf_counter()
+
+    def _stop(self, module: torch.nn.Module, name: str) -> None:
+        self.sync()
+        key = name if module.training else self.HISTORY
+        self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - self._started[name]
+
+    def add_rest(self, step_total_s: float) -> None:
+        self.totals["losses, backward, optimizer"] = step_total_s - sum(self.totals.values())
 
 
 def _bev_features(net: BEVFormerSeg, batch: dict) -> torch.Tensor:
@@ -293,6 +272,7 @@ class ArmState:
     amp: AbstractContextManager
     block_ms: list[float]  # mean ms/step of each timed block
     step_peak_mb: float = 0.0  # CUDA: peak allocated during a block above what was resident
+    phase: Phase | None = None  # the loop's view of the arm's step
 
 
 def compare_arms(attention_impls: list[str]) -> tuple[list[Arm], list]:
@@ -323,21 +303,21 @@ def build_arm(arm: Arm, cfg: ModelConfig, grid: BevGrid, num_classes: int, devic
     if arm.channels_last:
         to_channels_last(net)
     opt = make_adamw(net.param_groups(2e-4), 2e-4, 0.01, device, fused=arm.fused_adamw)
-    return ArmState(arm, net, opt, autocast(device, arm.bf16), [])
+    phase = bench_phase(net, grid, device, arm.bf16)
+    return ArmState(arm, net, opt, autocast(device, arm.bf16), [], phase=phase)
 
 
 def run_interleaved(
-    states: list[ArmState], batch: dict, hooks: LossHooks, steps: int, repeats: int, warmup: int
+    states: list[ArmState], batch: dict, steps: int, repeats: int, warmup: int
 ) -> None:
     """Fill every state's ``block_ms``: ``repeats`` rounds of one ``steps``-step block per arm,
     the arm order rotated by one each round."""
     device = next(states[0].net.parameters()).device
-    timer = Untimed(device)
     sync = Timer(device).sync
     for state in states:
         keep_freed_memory(state.arm.keep_memory)
         for _ in range(warmup):
-            train_step(state.net, state.opt, batch, hooks, timer, state.amp)
+            step(state.phase, state.opt, batch, state.amp)
     for round_ in range(repeats):
         k = round_ % len(states)
         for state in states[k:] + states[:k]:
@@ -348,7 +328,7 @@ def run_interleaved(
                 resident = torch.cuda.memory_allocated(device)
             start = time.perf_counter()
             for _ in range(steps):
-                train_step(state.net, state.opt, batch, hooks, timer, state.amp)
+                step(state.phase, state.opt, batch, state.amp)
             sync()
             state.block_ms.append(1e3 * (time.perf_counter() - start) / steps)
             if device.type == "cuda":
@@ -391,8 +371,7 @@ def compare(args, cfg: ModelConfig, grid: BevGrid, device: torch.device) -> None
     arms, comparisons = compare_arms(impls)
     states = {arm: build_arm(arm, cfg, grid, args.num_classes, device) for arm in arms}
     batch = make_batch(cfg, grid, args.batch, args.num_classes, device)
-    hooks = _loss_hooks(args.num_classes)
-    run_interleaved(list(states.values()), batch, hooks, args.steps, args.repeats, args.warmup)
+    run_interleaved(list(states.values()), batch, args.steps, args.repeats, args.warmup)
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     bf16_note = (
@@ -409,11 +388,11 @@ def compare(args, cfg: ModelConfig, grid: BevGrid, device: torch.device) -> None
         f"batch {args.batch} x 6 cameras at {cfg.image_size[0]}x{cfg.image_size[1]}, "
         f"{args.repeats} interleaved repeats of {args.steps} step(s) per arm after "
         f"{args.warmup} warm-up step(s); {bf16_note}; AdamW {fused_note}; "
-        f"loss: {hooks.description}\n"
+        "the loop's step (model.loop.train_step), reprojection objective\n"
     )
     print_comparison(states, comparisons, device)
     off, everything = next((off, on) for label, off, on in comparisons if label == "all together")
-    roof = step_roofline(states[everything], batch, hooks, device)
+    roof = step_roofline(states[everything], batch, device)
     off_ms = statistics.median(states[off].block_ms)
     on_ms = statistics.median(states[everything].block_ms)
     print("\n" + roof.describe(off_ms, on_ms, off.name, "all switches on"))
@@ -486,12 +465,10 @@ def compare_eval(state: ArmState, batch: dict, repeats: int) -> tuple[float, flo
     return statistics.median(times["pass"]), statistics.median(times["reuse"]), ratios
 
 
-def step_roofline(state: ArmState, batch: dict, hooks: LossHooks, device) -> Roofline:
+def step_roofline(state: ArmState, batch: dict, device) -> Roofline:
     """The operations of one step of ``state``'s arm against the best 3x3 convolution rate
     measured here in that arm's precision, either memory layout (one more step of that arm)."""
-    flops = count_flops(
-        lambda: train_step(state.net, state.opt, batch, hooks, Untimed(device), state.amp)
-    )
+    flops = count_flops(lambda: step(state.phase, state.opt, batch, state.amp))
     bf16 = bf16_autocast_active(device, state.arm.bf16)
     dtype = torch.bfloat16 if bf16 else torch.float32
     peak = max(conv_peak(device, dtype, channels_last=layout) for layout in (True, False))
@@ -635,21 +612,21 @@ def table(args, cfg: ModelConfig, grid: BevGrid, device: torch.device, resolutio
         to_channels_last(net)
     opt = make_adamw(net.param_groups(2e-4), 2e-4, 0.01, device, fused=args.fused_adamw)
     batch = make_batch(cfg, grid, args.batch, args.num_classes, device)
-    hooks = _loss_hooks(args.num_classes)
     bf16 = bf16_autocast_active(device, device.type == "cuda" if args.amp is None else args.amp)
     amp = autocast(device, bf16)
-    timer = Timer(device)
+    phase = bench_phase(net, grid, device, bf16)
 
     for _ in range(args.warmup):
-        train_step(net, opt, batch, hooks, timer, amp)
+        step(phase, opt, batch, amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timer.totals.clear()
+    timer = StageTimer(net, device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        train_step(net, opt, batch, hooks, timer, amp)
+        step(phase, opt, batch, amp)
     timer.sync()
     step_s = (time.perf_counter() - start) / args.steps
+    timer.add_rest(step_s * args.steps)
     memory_mb = peak_memory_mb(device)
     attn_rows, attn_shape = bench_deform_attn(net, batch, device, repeats=max(args.steps, 3))
 
@@ -664,7 +641,7 @@ def table(args, cfg: ModelConfig, grid: BevGrid, device: torch.device, resolutio
         f"batch {args.batch} x 6 cameras at {cfg.image_size[0]}x{cfg.image_size[1]}, "
         f"BEV queries {cfg.bev_h}x{cfg.bev_w}, label grid {grid.height}x{grid.width} "
         f"({resolution} m), {cfg.num_layers} encoder layer(s), attention `{impl_used}`, "
-        f"{', '.join(switches)}, loss: {hooks.description}\n"
+        f"{', '.join(switches)}; the loop's step (model.loop.train_step), reprojection\n"
     )
     print("| metric | value |\n|---|---|")
     print(f"| train step (ms) | {1e3 * step_s:.1f} |")
@@ -676,8 +653,6 @@ def table(args, cfg: ModelConfig, grid: BevGrid, device: torch.device, resolutio
     for name, seconds in timer.totals.items():
         ms = 1e3 * seconds / args.steps
         print(f"| {name} | {ms:.1f} | {100 * seconds / total:.0f}% |")
-    if hooks.reprojection is None:
-        print("| reprojection | not measured: model.reprojection not available | |")
     n, q, k, m, dh = attn_shape
     print(
         f"\nDeformable attention, SCA shapes: {n} camera-batches x {q} visible queries, "

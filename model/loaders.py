@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from torch.utils.data import DataLoader, Subset
 
 from model.config import DataConfig
-from model.data.dataset import NuScenesBevDataset, make_loader
+from model.data.batching import make_loader
+from model.data.dataset import NuScenesBevDataset
 from model.data.labels import LabelConfig
 from model.presets import ModelConfig
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from model.config import PhaseConfig
-from model.data.labels import is_multilabel
-from model.data.pseudo_labels import pseudo_channel_groups, pseudo_classes
+from model.data.labels import PSEUDO_LABEL_PROTOCOL, is_multilabel
+from model.data.pseudo_labels import PSEUDO_CLASSES, pseudo_channel_groups
 from model.geometry import BevGrid
 from model.interface import BevModel
 from model.losses import (
@@ -132,7 +132,8 @@ def _perspective(x: LossInputs) -> torch.Tensor:
 
 
 def _perspective_head(net: BevModel, protocol: str) -> nn.Module:
-    return PerspectiveHead(net.cfg.embed_dim, len(pseudo_classes(protocol)))
+    classes = PSEUDO_CLASSES[PSEUDO_LABEL_PROTOCOL[protocol]]  # the pseudo-labels' own classes
+    return PerspectiveHead(net.cfg.embed_dim, len(classes))
 
 
 OBJECTIVES: tuple[Objective, ...] = (

@@ -49,7 +49,7 @@ from model.data.dataset import index_split, split_scenes
 from model.data.label_cache import default_cache_dir
 from model.data.labels import class_names
 from model.data.pseudo_labels import ensure_synthetic
-from model.data.subsets import label_subset
+from model.data.subsets import LabelSubset, label_subset
 from model.forward import evaluate
 from model.geometry import BevGrid
 from model.interface import BevModel
@@ -106,6 +106,12 @@ def pin_threads(threads: int) -> None:
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # settable only before the first inter-op work
         torch.set_num_interop_threads(1)
+
+
+def labelled_subset(data: DataConfig, cfg: FinetuneConfig, seed: int) -> LabelSubset:
+    """The nested label subset a fine-tuning of ``cfg`` with ``seed`` trains on."""
+    train_scenes = split_scenes(data.root, data.resolved_version, data.train_split)
+    return label_subset(train_scenes, cfg.label_fraction, seed)
 
 
 def build_model(model: ModelConfig, num_classes: int, grid: BevGrid, seed: int) -> BevModel:
@@ -204,18 +210,19 @@ def finetune(
     init_checkpoint: Path | str | None = None,
     runtime: RuntimeConfig = DEFAULT_RUNTIME,
     on_epoch: OnEpoch | None = None,
+    subset: LabelSubset | None = None,
 ) -> FinetuneResult:
     """Supervised training on the BEV labels of a nested label subset of the train scenes
     (``label_subset(train scenes, cfg.label_fraction, seed)``), from ``init_checkpoint`` (a
     pretraining) or from scratch. Validates every ``cfg.val_every`` epochs and after the last.
+    ``subset``: that subset, when the caller drew it already (``labelled_subset``).
     """
     device = resolve_device(runtime.device)
     set_up_process(runtime)
     seed_everything(seed)
     num_classes = len(class_names(data.protocol))
     grid = data.label_grid(model)
-    train_scenes = split_scenes(data.root, data.resolved_version, data.train_split)
-    subset = label_subset(train_scenes, cfg.label_fraction, seed)
+    subset = subset or labelled_subset(data, cfg, seed)
     needs = objectives.needs(cfg.weights)
     pseudo = data.resolved_pseudo_labels if "pseudo_labels" in needs else None
     load_prev = cfg.use_history or "prev" in needs

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from model.bevformer import BEVFormerSeg
-from model.data.dataset import NuScenesBevDataset, make_loader
+from model.data.batching import make_loader
+from model.data.dataset import NuScenesBevDataset
 from model.data.labels import LabelConfig
 from model.forward import EvalForward, evaluate, forward, history_pass
 from model.geometry import BevGrid

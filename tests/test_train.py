@@ -20,7 +20,8 @@ from model.config import (
     RuntimeConfig,
 )
 from model.data.alignment_stats import chance_miou as alignment_chance_miou
-from model.data.dataset import NuScenesBevDataset, make_loader, split_scenes
+from model.data.batching import make_loader
+from model.data.dataset import NuScenesBevDataset, split_scenes
 from model.data.labels import HDMAPNET_CLASSES, LabelConfig
 from model.data.subsets import label_subset
 from model.forward import evaluate

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from model.cli import OneLineParser, dir_to_create, existing_dir, int_at_least
-from model.data.dataset import NuScenesBevDataset, default_num_workers, make_loader
+from model.data.batching import default_num_workers, make_loader
+from model.data.dataset import NuScenesBevDataset
 from model.data.labels import LabelConfig
 
 # Input sizes (H, W) of the presets, used when model.presets is not importable.

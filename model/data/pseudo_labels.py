@@ -64,11 +64,6 @@ PSEUDO_TO_BEV: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
-def pseudo_classes(protocol: str) -> tuple[str, ...]:
-    """The perspective classes of BEV ``protocol``'s pseudo-labels (their ids' names)."""
-    return PSEUDO_CLASSES[PSEUDO_LABEL_PROTOCOL[protocol]]
-
-
 def pseudo_channel_groups(protocol: str) -> list[list[int]]:
     """For each perspective class id, the channel indices of BEV ``protocol`` it stands for
     (PSEUDO_TO_BEV of the protocol's pseudo-label classes)."""
