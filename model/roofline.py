@@ -53,9 +53,18 @@ class _FlopTotal(TorchDispatchMode):
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """Floating-point operations of one call of ``fn``: a multiply-add counts two."""
-    with _FlopTotal() as total:
-        fn()
+    """Floating-point operations of one call of ``fn``: a multiply-add counts two.
+
+    A dispatch mode does not see the operations run under ``torch.inference_mode`` (measured:
+    the loop's history pass counted 0 FLOP), so while counting, ``torch.inference_mode`` is
+    ``torch.no_grad``: the same operations, visible."""
+    inference_mode = torch.inference_mode
+    torch.inference_mode = torch.no_grad
+    try:
+        with _FlopTotal() as total:
+            fn()
+    finally:
+        torch.inference_mode = inference_mode
     return int(total.flops)
 
 

@@ -16,12 +16,11 @@ import torch
 from nuscenes.map_expansion.map_api import NuScenesMap
 
 from model.data import label_cache, prepare
+from model.data.batching import collate, make_loader
 from model.data.dataset import (
     NuScenesBevDataset,
-    collate,
     dataset_fingerprint,
     index_split,
-    make_loader,
     split_scenes,
 )
 from model.data.errors import (
