@@ -20,7 +20,7 @@ processes then slows every arm alike; the ratio printed is the median over repea
 paired per-repeat ratios. It ends with the floor under the step (``model.roofline``): the
 step's counted operations at the best convolution rate measured here, and the largest speed-up
 over the first arm that any switch keeping those operations could reach on this machine; then
-an evaluation pass with the history pass against ``loop.EvalForward``'s reuse of it.
+an evaluation pass with the history pass against ``forward.EvalForward``'s reuse of it.
 
 The step is the training loop's own (``model.loop.train_step``) on a pretraining phase with
 the reprojection objective: the previous keyframe's BEV under inference mode (the history, as
@@ -401,7 +401,7 @@ def compare(args, cfg: ModelConfig, grid: BevGrid, device: torch.device) -> None
         f"\nevaluation ({EVAL_BATCHES} batches of consecutive keyframes, all switches on, "
         f"ms/batch):\n\n| evaluation | history pass | history reused | speed-up | "
         f"range over repeats |\n|---|---|---|---|---|\n"
-        f"| loop.EvalForward | {history_ms:.1f} | {reused_ms:.1f} | "
+        f"| forward.EvalForward | {history_ms:.1f} | {reused_ms:.1f} | "
         f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x |"
     )
     if device.type == "cuda":
@@ -435,7 +435,7 @@ def keyframe_batches(batch: dict, count: int) -> list[dict]:
 
 @torch.no_grad()
 def compare_eval(state: ArmState, batch: dict, repeats: int) -> tuple[float, float, list[float]]:
-    """An evaluation pass with the history pass against ``loop.EvalForward``'s reuse:
+    """An evaluation pass with the history pass against ``forward.EvalForward``'s reuse:
     (ms/batch with the pass, ms/batch reused, per-repeat ratios), interleaved."""
     net, amp = state.net, state.amp
     batches = keyframe_batches(batch, EVAL_BATCHES)

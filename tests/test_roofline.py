@@ -85,8 +85,8 @@ def test_bench_compare_prints_the_floor_against_the_arms_it_timed(capsys):
     assert _number(r"\| all switches on \| ([\d.]+) \|", out) == on_ms
     assert floor_ms == pytest.approx(1e3 * gflop / peak, rel=0.01)
     assert bound == pytest.approx(off_ms / floor_ms, rel=0.01)
-    # And the evaluation row: the history pass against loop.EvalForward's reuse.
-    assert _number(r"\| loop.EvalForward \| ([\d.]+) \| [\d.]+ \|", out) > 0
+    # And the evaluation row: the history pass against forward.EvalForward's reuse.
+    assert _number(r"\| forward.EvalForward \| ([\d.]+) \| [\d.]+ \|", out) > 0
     # The step is a history pass, a forward and a backward (twice a forward): about four
     # no-grad passes of the same net, neither one nor a double count.
     cfg, grid = get_preset("nano"), BevGrid(resolution_m=0.5)
