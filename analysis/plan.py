@@ -1,13 +1,16 @@
 """Seed planner: how many seeds a study needs, from a pilot's spread of paired differences.
 
     python -m analysis.plan --experiment NAME [--tracking-uri URI] [--effect 0.025]
-        [--power 0.8] [--alpha 0.05] [--reference supervised@1.0]
+        [--power 0.8] [--alpha 0.05] [--reference supervised@1.0] [--rounds 3:2:20]
 
 For every (configuration, label fraction) cell of the pilot, the per-seed differences to the
 reference cell (same seed: same label subset, same initialisation) give a standard deviation;
 with it, the smallest number of seeds at which a two-sided paired t-test detects a true
 difference of `--effect` with `--power`, and the smallest difference the pilot's own seeds
-detect. Prints a table; writes nothing. Input problems exit with status 2 and one line on stderr.
+detect. Then, for the group-sequential design of ``--rounds`` (``analysis.sequential``: seeds
+in rounds of FIRST, then STEP more, up to MAX), the seeds a comparison is expected to use under
+the effect and under none, and the seeds of the fixed design of the same power. Prints tables;
+writes nothing. Input problems exit with status 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from analysis.report import (
     probability,
     study_parser,
 )
+from analysis.sequential import SequentialDesign, expected_seeds
 from analysis.stats import (
     POWER,
     Cell,
@@ -91,6 +95,33 @@ def format_plan(table: pd.DataFrame) -> str:
     return shown.rename(columns=PLAN_COLUMNS).to_string(index=False)
 
 
+def sequential_plan(table: pd.DataFrame, design: SequentialDesign, effect: float) -> str:
+    """Per cell: expected seeds of ``design`` under ``effect`` and under none (simulated, fixed
+    generator seed), its power, and the fixed design's seeds at that power."""
+    lines = []
+    for cell, sd in zip(table["cell"], table["sd_diff"], strict=True):
+        plan = expected_seeds(design, effect, sd)
+        if pd.isna(plan.sequential):
+            lines.append(f"  {cell}: no spread to plan with")
+            continue
+        fixed = "> 1000" if plan.fixed is None else str(plan.fixed)
+        lines.append(
+            f"  {cell}: {plan.sequential:.1f} seeds expected under the effect "
+            f"({plan.power:.0%} power), {plan.under_null:.1f} under none; the fixed design of "
+            f"that power: {fixed}"
+        )
+    return "\n".join(lines)
+
+
+def rounds(text: str) -> SequentialDesign:
+    """``FIRST:STEP:MAX`` -> a sequential design (argparse type: a bad value exits 2)."""
+    try:
+        first, step, most = (int(part) for part in text.split(":"))
+        return SequentialDesign(first=first, step=step, max=most)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIRST:STEP:MAX ({exc})") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = study_parser(PROG, DESCRIPTION, "MLflow experiment of the pilot study")
     parser.add_argument(
@@ -107,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
         type=probability,
         default=ALPHA,
         help=f"two-sided significance level of the paired t-test (default {ALPHA})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=rounds,
+        default=rounds("3:2:20"),
+        help="sequential seeds FIRST:STEP:MAX (default 3:2:20): expected seeds per comparison",
     )
     return parser
 
@@ -145,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         f"the pilot's seeds detect with that power.\n"
     )
     print(format_plan(table))
+    design = SequentialDesign(
+        args.rounds.first, args.rounds.step, args.rounds.max, alpha=args.alpha
+    )
+    print(
+        f"\nGroup-sequential seeds, rounds {list(design.rounds())} (O'Brien-Fleming-type "
+        f"alpha spending, two-sided {args.alpha:g}; analysis.sequential), by simulation:"
+    )
+    print(sequential_plan(table, design, args.effect))
     return 0
 
 

@@ -3,6 +3,7 @@ store; one-line errors (exit 2) for a pilot with too few seeds or a missing expe
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -54,6 +55,27 @@ def test_plan_cli_prints_seeds_needed_and_the_detectable_effect(pilot, capsys):
     # pilot seeds, mean diff, sd diff, seeds needed, detectable now (3 seeds: 3.264 sd).
     assert row.split() == ["pretrained@0.5", "3", "+0.0400", "0.0200", "10", "0.0653"]
     assert "80% power" in out and "supervised@1.0" in out
+
+
+def test_plan_cli_prints_the_expected_seeds_of_a_sequential_design(pilot, capsys):
+    args = ["--experiment", "toy", "--tracking-uri", pilot, "--effect", "0.02"]
+    assert main([*args, "--rounds", "3:2:10"]) == 0
+    out = capsys.readouterr().out
+    assert "rounds [3, 5, 7, 9, 10]" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("pretrained@0.5:"))
+    numbers = [float(x) for x in re.findall(r"(\d+(?:\.\d+)?)", row.split(":", 1)[1])]
+    expected_effect, power, expected_null, fixed = numbers[0], numbers[1], numbers[2], numbers[3]
+    # d = 1 at 10 seeds most: fewer than 10 expected under the effect, about 10 under none,
+    # and a fixed design of the same power needs at least the sequential one's average.
+    assert 3 < expected_effect < 10 and 9 < expected_null <= 10 and 50 < power < 100
+    assert expected_effect < fixed <= 10
+
+
+def test_plan_rejects_a_bad_rounds_value_with_one_line(pilot, tmp_path):
+    result = run_plan(
+        "--experiment", "toy", "--tracking-uri", pilot, "--rounds", "3:2", cwd=tmp_path
+    )
+    assert_one_error_line(result, "--rounds")
 
 
 def run_plan(*args: str, cwd: Path) -> subprocess.CompletedProcess:
