@@ -51,6 +51,7 @@ from model.encoder import project_pillars
 from model.forward import EvalForward, eval_mode, forward, history_pass
 from model.geometry import BevGrid
 from model.loop import Phase, train_step
+from model.op_profile import breakdown_table, op_breakdown
 from model.precision import (
     autocast,
     bf16_autocast_active,
@@ -396,6 +397,11 @@ def compare(args, cfg: ModelConfig, grid: BevGrid, device: torch.device) -> None
     off_ms = statistics.median(states[off].block_ms)
     on_ms = statistics.median(states[everything].block_ms)
     print("\n" + roof.describe(off_ms, on_ms, off.name, "all switches on"))
+    state = states[everything]
+    classes, wall_ms = op_breakdown(
+        lambda: step(state.phase, state.opt, batch, state.amp), max(args.steps, 2), device
+    )
+    print("\n" + breakdown_table(classes, wall_ms, "all switches on"))
     history_ms, reused_ms, ratios = compare_eval(states[everything], batch, args.repeats)
     print(
         f"\nevaluation ({EVAL_BATCHES} batches of consecutive keyframes, all switches on, "
