@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,7 @@ from harness.trials import (
     pretrain_shares,
     wsd_trunks,
 )
-from model import names
+from model import arms, names
 from model.cli import OneLineParser
 from model.names import ROLE
 
@@ -345,22 +346,21 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
 def start_ray(address: str | None) -> None:
     """Connect to the cluster at ``address``, or start a local Ray that listens on loopback only.
 
-    Ray's GCS, raylet (node manager, object manager), runtime-env agent and every worker's gRPC
-    server bind 127.0.0.1 only when the node address is exactly 127.0.0.1; any other address
-    makes them bind every interface (``::``). Ray 2.60's ``ray.init`` rewrites a loopback
-    ``_node_ip_address`` to the machine's routable address (``services.resolve_ip_for_localhost``)
-    unless ``ray_constants.ENABLE_RAY_CLUSTER`` is false, Ray's own local-only mode (the default
-    on macOS and Windows, env ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``). The env var is read when
-    ``ray`` is first imported, long before this, so the flag is lowered for ``ray.init`` alone;
-    once the node exists Ray asks it for the address. The dashboard stays off.
-    ``test_a_local_sweep_listens_on_loopback_only`` reads the sockets. A cluster is an explicit
-    opt-in (``--address``; docs/scaling.md).
+    Ray's GCS, raylet, runtime-env agent and every worker's gRPC server bind 127.0.0.1 only when
+    the node address is exactly 127.0.0.1, else every interface (``::``). Ray 2.60's ``ray.init``
+    rewrites a loopback ``_node_ip_address`` to the routable address unless
+    ``ray_constants.ENABLE_RAY_CLUSTER`` is false (Ray's local-only mode; its env var is read
+    when ``ray`` is first imported), so the flag is lowered for ``ray.init`` alone. The
+    dashboard stays off; ``test_a_local_sweep_listens_on_loopback_only`` reads the sockets. A
+    cluster is an explicit opt-in (``--address``; docs/scaling.md).
     """
     import ray
     from ray._private import ray_constants
 
     options = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address:
+        if os.environ.get(arms.ENV):  # arms of one's own reach the cluster's workers too
+            options["runtime_env"] = {"env_vars": {arms.ENV: os.environ[arms.ENV]}}
         ray.init(address=address, ignore_reinit_error=True, **options)
         return
     cluster = ray_constants.ENABLE_RAY_CLUSTER
