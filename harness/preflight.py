@@ -88,13 +88,17 @@ def refuse_interrupted(spec: Spec) -> None:
 
 
 def missing_pseudo_labels(spec: Spec, dataroot: Path, version: str) -> str | None:
-    """What is wrong with pretraining's pseudo-labels (None: nothing). Simulated ones are
-    written by the sweep; Mask2Former ones must have been made beforehand."""
-    labeler, protocol = spec.data.resolved_pseudo_labels, spec.data.protocol
-    if labeler == "synthetic" or (dataroot / "pseudo_labels" / labeler / protocol).is_dir():
-        return None
-    from model.data.dataset import pseudo_label_command
+    """What is wrong with pretraining's pseudo-labels (None: nothing). Simulated ones and the
+    oracle are written by the sweep; Mask2Former ones (shuffled or not) must have been made
+    beforehand."""
+    from model.data.labels import PSEUDO_LABEL_PROTOCOL
+    from model.data.pseudo_sources import pseudo_label_command
 
+    labeler, protocol = spec.data.resolved_pseudo_labels, PSEUDO_LABEL_PROTOCOL[spec.data.protocol]
+    if labeler == "synthetic" or spec.data.pseudo_label_source == "oracle":
+        return None
+    if (dataroot / "pseudo_labels" / labeler / protocol).is_dir():
+        return None
     command = pseudo_label_command(dataroot, version, labeler, protocol)
     where = f"data.pseudo_labels: no {labeler} pseudo-labels under {dataroot}"
     return f"{where}; make them with: {command}"

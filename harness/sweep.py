@@ -272,8 +272,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
     try:
         dataroot, version = prepare_data(spec, storage, progress=args.loudness != console.QUIET)
         resolved = [t.resolve(spec) for t in trials]
-        if any(r.needs_pseudo_labels for r in resolved):
-            prepare_pseudo_labels(spec, dataroot, version)
+        prepare_pseudo_labels(resolved, dataroot, version, storage)
         from model.data.dataset import dataset_fingerprint
 
         fingerprint = dataset_fingerprint(dataroot, version)
@@ -400,15 +399,16 @@ def prepare_index(resolved: list, dataroot: Path, version: str, storage: Path) -
         index_split(dataroot, version, split, cache_dir=label_cache_dir(storage))
 
 
-def prepare_pseudo_labels(spec: Spec, dataroot: Path, version: str) -> None:
-    """Pretraining's pseudo-labels: simulated ones are written once here (not by every trial);
-    Mask2Former ones must have been made beforehand."""
-    from model.data.pseudo_labels import ensure_synthetic
+def prepare_pseudo_labels(resolved: list, dataroot: Path, version: str, storage: Path) -> None:
+    """The pseudo-label sets the trials read (a search axis may vary them): simulated ones and
+    the controls are written once here (not by every trial); Mask2Former ones must exist."""
+    from model.train import ensure_pseudo_labels
 
-    if spec.data.resolved_pseudo_labels == "synthetic":
-        ensure_synthetic(dataroot, version, spec.data.protocol)
-    elif problem := missing_pseudo_labels(spec, dataroot, version):
-        raise SpecError(problem)
+    where = dict(dataroot=str(dataroot), version=version, cache_dir=str(label_cache_dir(storage)))
+    for spec in [r.spec for r in resolved if r.needs_pseudo_labels]:  # made once, then one read
+        if problem := missing_pseudo_labels(spec, dataroot, version):
+            raise SpecError(problem)
+        ensure_pseudo_labels(spec.data.model_copy(update=where), spec.model.build())
 
 
 def start_sweep_run(

@@ -79,6 +79,14 @@ class DataConfig(Config):
     line_width_m: Annotated[float, Field(gt=0, le=20, allow_inf_nan=False)] | None = None
     clear_margin_m: Annotated[float, Field(ge=0, le=20, allow_inf_nan=False)] | None = None
     pseudo_labels: Literal["synthetic", "mask2former"] | None = None  # default per source
+    # What the pseudo-label terms read (model.data.pseudo_sources): the labeller's own labels,
+    # or a control (model.data.controls): "oracle", the BEV labels reprojected into the
+    # cameras (the positive control), "shuffled", the labeller's labels of another keyframe
+    # (the negative control).
+    pseudo_label_source: Literal["labeler", "oracle", "shuffled"] = "labeler"
+    # The simulated labeller's corruption preset (model.data.pseudo_labels.Corruption), read by
+    # the sources "labeler" and "shuffled"; "oracle" has no labeller.
+    pseudo_label_noise: Literal["clean", "low", "medium", "high"] = "medium"
     synthetic: SyntheticConfig = SyntheticConfig()
     num_workers: Annotated[int, Field(ge=0, le=256)] = 0
     # Evaluate on the first N val keyframes (None: the whole split); keeps CPU studies quick.
@@ -108,6 +116,12 @@ class DataConfig(Config):
                     "data.pseudo_labels: 'synthetic' pseudo-labels exist only for synthetic data;"
                     " allowed: mask2former"
                 )
+        if self.resolved_pseudo_labels == "mask2former" and self.pseudo_label_noise != "medium":
+            raise ValueError(
+                f"data.pseudo_label_noise: {self.pseudo_label_noise!r} is a noise level of the "
+                "simulated labeller (data.pseudo_labels: synthetic); mask2former pseudo-labels "
+                "have none: allowed: medium"
+            )
         return self
 
     @property

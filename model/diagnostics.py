@@ -31,7 +31,7 @@ from model.data.alignment_stats import (
 )
 from model.data.labels import is_multilabel
 from model.forward import EvalForward, to_device
-from model.loaders import label_config, make_dataset, make_loader
+from model.loaders import label_config, make_dataset, make_loader, pseudo_label_set
 from model.loop import prepare
 from model.metrics import ArgmaxIoU
 from model.precision import autocast
@@ -51,10 +51,10 @@ def checkpoint_alignment(
     if is_multilabel(data.protocol):
         return {}
     device = resolve_device(runtime.device)
-    ensure_pseudo_labels(data)
     net = prepare(load_model(checkpoint), device, runtime)
     if data.label_grid(net.cfg) != net.label_grid:
         data = data.model_copy(update={"grid": net.label_grid})
+    ensure_pseudo_labels(data, net.cfg)
     return pretraining_alignment(data, net, cfg, autocast(device, runtime.bf16), device)
 
 
@@ -64,7 +64,7 @@ def pretraining_alignment(
     """``align/*`` metrics of ``net`` (a pretrained BEVFormerSeg, single-label protocol)."""
     label_cfg = label_config(data, net.cfg)
     dataset = make_dataset(
-        data, net.cfg, data.val_split, data.resolved_pseudo_labels, load_prev=cfg.use_history
+        data, net.cfg, data.val_split, pseudo_label_set(data, net.cfg), load_prev=cfg.use_history
     )
     if data.max_val_samples is not None and data.max_val_samples < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(data.max_val_samples))

@@ -10,6 +10,7 @@ from model.config import DataConfig
 from model.data.batching import make_loader
 from model.data.dataset import NuScenesBevDataset
 from model.data.labels import LabelConfig
+from model.data.pseudo_sources import label_set
 from model.presets import ModelConfig
 
 
@@ -20,6 +21,17 @@ def label_config(data: DataConfig, model: ModelConfig) -> LabelConfig:
         grid=data.label_grid(model),
         source=data.bev_label_source,
         **{k: v for k, v in widths.items() if v is not None},
+    )
+
+
+def pseudo_label_set(data: DataConfig, model: ModelConfig) -> str:
+    """The pseudo-label set ``data`` reads (``model.data.pseudo_sources``): its source, labeller
+    and noise level, and for the oracle the BEV label config."""
+    return label_set(
+        data.pseudo_label_source,
+        data.resolved_pseudo_labels,
+        data.pseudo_label_noise,
+        label_config(data, model).cache_key(),
     )
 
 

@@ -45,15 +45,15 @@ from model.config import (
     PretrainConfig,
     RuntimeConfig,
 )
+from model.data.controls import ensure_label_set
 from model.data.dataset import index_split, split_scenes
 from model.data.label_cache import default_cache_dir
 from model.data.labels import class_names
-from model.data.pseudo_labels import ensure_synthetic
 from model.data.subsets import LabelSubset, label_subset
 from model.forward import evaluate
 from model.geometry import BevGrid
 from model.interface import BevModel
-from model.loaders import make_dataset, train_loader, val_loader
+from model.loaders import label_config, make_dataset, train_loader, val_loader
 from model.loop import Phase, prepare, run_phase, schedule, seed_everything
 from model.precision import (
     bf16_autocast_active,
@@ -136,11 +136,14 @@ def pseudo_label_weights(cfg: PhaseConfig, data: DataConfig, dataset) -> tuple[f
     )
 
 
-def ensure_pseudo_labels(data: DataConfig) -> None:
-    """Simulated ("synthetic") pseudo-labels are made on first use; Mask2Former ones must
-    exist (``python -m model.data.pseudo_labels``)."""
-    if data.resolved_pseudo_labels == "synthetic":
-        ensure_synthetic(data.root, data.resolved_version, data.protocol)
+def ensure_pseudo_labels(data: DataConfig, model: ModelConfig) -> str:
+    """The pseudo-label set ``data`` reads (``model.loaders.pseudo_label_set``). Simulated
+    ("synthetic") pseudo-labels and the controls (oracle, shuffled) are made on first use;
+    Mask2Former ones must exist (``python -m model.data.pseudo_labels``)."""
+    return ensure_label_set(
+        data.root, data.resolved_version, data.pseudo_label_source, data.resolved_pseudo_labels,
+        data.pseudo_label_noise, label_config(data, model), data.cache_dir,
+    )  # fmt: skip
 
 
 def pretrain(
@@ -168,9 +171,7 @@ def pretrain(
     grid = data.label_grid(model)
     needs = objectives.needs(cfg.weights)
     load_prev = cfg.use_history or "prev" in needs
-    pseudo = data.resolved_pseudo_labels if "pseudo_labels" in needs else None
-    if pseudo is not None:
-        ensure_pseudo_labels(data)
+    pseudo = ensure_pseudo_labels(data, model) if "pseudo_labels" in needs else None
     dataset = make_dataset(data, model, data.train_split, pseudo, load_prev)
     reproj_weights = pseudo_label_weights(cfg, data, dataset)
     meta = checkpoint_meta(data, model, cfg, seed, grid, num_classes)
@@ -224,10 +225,8 @@ def finetune(
     grid = data.label_grid(model)
     subset = subset or labelled_subset(data, cfg, seed)
     needs = objectives.needs(cfg.weights)
-    pseudo = data.resolved_pseudo_labels if "pseudo_labels" in needs else None
+    pseudo = ensure_pseudo_labels(data, model) if "pseudo_labels" in needs else None
     load_prev = cfg.use_history or "prev" in needs
-    if pseudo is not None:
-        ensure_pseudo_labels(data)
     # An objective on every training sample (pseudo-labels are free) reads the whole split,
     # each sample marked labelled or not; otherwise the loader holds the labelled subset only.
     mixed = objectives.uses_every_sample(cfg.weights)

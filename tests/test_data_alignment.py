@@ -172,7 +172,7 @@ def test_meter_pools_reach_per_class_over_the_split():
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    """2 scenes x 2 keyframes (one val scene) with clean simulated pseudo-labels."""
+    """2 scenes x 2 keyframes (one val scene) with simulated pseudo-labels."""
     from model.data.pseudo_labels import run_synthetic
     from model.data.synthetic import generate_dataset
 
@@ -180,7 +180,7 @@ def tiny_root(tmp_path_factory):
         tmp_path_factory.mktemp("align") / "root", scenes=2, samples_per_scene=2,
         image_size=(48, 80), seed=3, progress=False,
     )  # fmt: skip
-    run_synthetic(root, "v1.0-mini", noise_level="clean", progress=False)
+    run_synthetic(root, "v1.0-mini", progress=False)
     return root
 
 

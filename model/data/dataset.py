@@ -36,13 +36,13 @@ from model.data.errors import (
 )
 from model.data.label_cache import LabelCache, LabelJob, atomic_write_bytes, default_cache_dir
 from model.data.labels import PSEUDO_LABEL_PROTOCOL, LabelConfig
+from model.data.pseudo_sources import check_label_set, pseudo_label_command, pseudo_label_path
 from model.geometry import CAMERAS, invert_transform, scale_intrinsics, transform_from_pose
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-PSEUDO_LABELERS = ("synthetic", "mask2former")
 _KEY_SENSOR = "LIDAR_TOP"
 
 # Official devkit split names per version for the generic names "train" / "val" / "test".
@@ -369,28 +369,6 @@ def load_camera_image(
     return out
 
 
-def pseudo_label_path(dataroot: Path, labeler: str, protocol: str, image_path: Path) -> Path:
-    """``DIR/pseudo_labels/<labeler>/<protocol>/CAM_*/<stem>.png`` for a camera image."""
-    return (
-        Path(dataroot)
-        / "pseudo_labels"
-        / labeler
-        / protocol
-        / image_path.parent.name
-        / f"{image_path.stem}.png"
-    )
-
-
-def pseudo_label_command(dataroot: Path, version: str, labeler: str, protocol: str) -> str:
-    command = (
-        f"python -m model.data.pseudo_labels --dataroot {dataroot} --version {version} "
-        f"--labeler {labeler} --protocol {protocol}"
-    )
-    if labeler == "mask2former":
-        command += " --checkpoint <DIR of the Mask2Former Vistas checkpoint>"
-    return command
-
-
 # --- the dataset ---------------------------------------------------------------------------
 
 
@@ -425,9 +403,8 @@ class NuScenesBevDataset(Dataset):
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.label_cfg = label_cfg or LabelConfig()
         self.load_prev = load_prev
-        if pseudo_labels is not None and pseudo_labels not in PSEUDO_LABELERS:
-            raise ValueError(f"pseudo_labels must be None or one of {PSEUDO_LABELERS}")
-        self.pseudo_labels = pseudo_labels
+        # A pseudo-label set (model.data.pseudo_sources): a labeller's, or a control's.
+        self.pseudo_labels = None if pseudo_labels is None else check_label_set(pseudo_labels)
         cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.records = index_split(self.dataroot, version, split, scenes, cache_dir=cache_dir)
         if not self.records:

@@ -1,7 +1,8 @@
 """Per-camera semantic pseudo-labels in a protocol's perspective classes.
 
-Two labellers write the same files, ``DIR/pseudo_labels/<labeler>/<protocol>/CAM_*/<stem>.png``
-(uint8 class ids, 255 = ignore), one per keyframe camera image:
+Two labellers write the same files, ``DIR/pseudo_labels/<set>/<protocol>/CAM_*/<stem>.png``
+(uint8 class ids, 255 = ignore; the set names the labeller and its noise level, see
+``model.data.pseudo_sources``), one per keyframe camera image:
 
 - ``mask2former``: Hugging Face transformers' ``Mask2FormerForUniversalSegmentation`` with a
   Mapillary Vistas semantic checkpoint from a local directory, batched, on the GPU in bf16 when
@@ -39,6 +40,7 @@ from tqdm import tqdm
 from model.data.dataset import check_dataroot, load_nuscenes, pseudo_label_path, read_image
 from model.data.label_cache import atomic_write_bytes, write_png
 from model.data.labels import PSEUDO_LABEL_PROTOCOL
+from model.data.pseudo_sources import NOISE_LEVELS, is_complete, labeler_set
 from model.data.vistas import VISTAS_CLASSES
 from model.geometry import CAMERAS
 from model.names import IGNORE
@@ -303,7 +305,7 @@ class Corruption:
 
     @classmethod
     def preset(cls, level: str) -> Corruption:
-        scale = {"clean": 0.0, "low": 0.5, "medium": 1.0, "high": 2.0}
+        scale = dict(zip(NOISE_LEVELS, (0.0, 0.5, 1.0, 2.0), strict=True))
         if level not in scale:
             raise ValueError(f"noise level must be one of {sorted(scale)}, got {level!r}")
         s = scale[level]
@@ -447,7 +449,6 @@ def run_synthetic(
     """Simulated pseudo-labels from ``DIR/semantic``; writes ``noise.json`` beside them."""
     root = check_dataroot(dataroot, version)
     corruption = corruption or Corruption.preset(noise_level)
-    out_dir = root / "pseudo_labels" / "synthetic" / protocol
     settings = {
         "labeler": "synthetic",
         "simulation": True,
@@ -457,6 +458,8 @@ def run_synthetic(
         "seed": seed,
         "corruption": dataclasses.asdict(corruption),
     }
+    name = labeler_set("synthetic", settings["noise_level"])  # noise "custom": synthetic-custom
+    out_dir = root / "pseudo_labels" / name / protocol
     noise_file = out_dir / "noise.json"
     if noise_file.is_file() and not overwrite:
         previous = json.loads(noise_file.read_text())
@@ -483,7 +486,7 @@ def run_synthetic(
     start = time.perf_counter()
     for path in tqdm(images, desc="synthetic pseudo-labels", unit="img", disable=not progress):
         clean = lookup[read_image(semantic_path(root, path), cv2.IMREAD_UNCHANGED)]
-        out = pseudo_label_path(root, "synthetic", protocol, path)
+        out = pseudo_label_path(root, name, protocol, path)
         if out.is_file() and not overwrite:
             noisy = read_image(out, cv2.IMREAD_UNCHANGED)
             skipped += 1
@@ -510,47 +513,35 @@ def run_synthetic(
     return LabelerReport(written, skipped, seconds)
 
 
-def read_noise_report(dataroot: Path | str, protocol: str = "hdmapnet") -> dict:
+def read_noise_report(
+    dataroot: Path | str, protocol: str = "hdmapnet", noise_level: str = "medium"
+) -> dict:
     """The ``noise.json`` of the synthetic labeller (settings and measured error rates)."""
-    return json.loads(
-        (Path(dataroot) / "pseudo_labels" / "synthetic" / protocol / "noise.json").read_text()
-    )
+    folder = Path(dataroot) / "pseudo_labels" / labeler_set("synthetic", noise_level) / protocol
+    return json.loads((folder / "noise.json").read_text())
 
 
 # --- CLI -------------------------------------------------------------------------------------
 
 
-def ensure_synthetic(dataroot: Path | str, version: str, protocol: str) -> None:
-    """Simulated pseudo-labels of a synthetic dataroot, written on first use (seconds) under a
-    file lock: concurrent trials and the sweep driver share a dataroot. A no-op for a dataroot
-    that is not synthetic or already has them."""
+def ensure_synthetic(
+    dataroot: Path | str, version: str, protocol: str, noise_level: str = "medium"
+) -> None:
+    """Simulated pseudo-labels of a synthetic dataroot at ``noise_level``, written on first use
+    (seconds) under a file lock: concurrent trials and the sweep driver share a dataroot. A
+    no-op for a dataroot that is not synthetic or already has them."""
     from filelock import FileLock
 
     protocol = PSEUDO_LABEL_PROTOCOL[protocol]  # the perspective classes of the BEV protocol
     root = Path(dataroot)
-    noise = root / "pseudo_labels" / "synthetic" / protocol / "noise.json"
-    if not (root / "synthetic.json").is_file() or _complete(noise):
+    noise = root / "pseudo_labels" / labeler_set("synthetic", noise_level) / protocol / "noise.json"
+    if not (root / "synthetic.json").is_file() or is_complete(noise):
         return
     noise.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(noise.parent / ".generate.lock")):
-        if not _complete(noise):
+        if not is_complete(noise):
             log.info("writing simulated pseudo-labels into %s", noise.parent)
-            run_synthetic(root, version, protocol, progress=False)
-
-
-def _complete(noise_json: Path) -> bool:
-    try:
-        return bool(json.loads(noise_json.read_text()).get("complete"))
-    except (OSError, ValueError):
-        return False
-
-
-def _noise_level(text: str) -> str:
-    try:
-        Corruption.preset(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+            run_synthetic(root, version, protocol, noise_level=noise_level, progress=False)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -577,7 +568,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--checkpoint", type=existing_dir, help="local Mask2Former Vistas checkpoint dir")
     add("--batch-size", type=int_at_least(1), default=8, help="mask2former: images per batch")
     add("--device", default=None, help="mask2former: cpu, cuda or cuda:N (default: cuda if any)")
-    add("--noise", type=_noise_level, default="medium", help="synthetic: clean|low|medium|high")
+    add("--noise", choices=NOISE_LEVELS, default="medium", help="synthetic: corruption preset")
     add("--seed", type=int_at_least(0), default=0, help="synthetic: corruption seed")
     add("--overwrite", action="store_true", help="synthetic: replace labels")
     add("--quiet", action="store_true", help="no progress bar")
@@ -655,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{report.images_per_s:.2f} images/s"
     )
     if args.labeler == "synthetic":
-        noise = read_noise_report(root, args.protocol)
+        noise = read_noise_report(root, args.protocol, args.noise)
         print(
             f"simulated noise {noise['noise_level']}: "
             f"pixel error rate {noise['pixel_error_rate']:.3f}"
