@@ -146,6 +146,47 @@ def test_no_module_imports_a_private_name_from_another_module():
     assert not offenders, "private names imported across modules:\n" + "\n".join(offenders)
 
 
+# The layering docs/architecture.md states: package -> what it must not import (project
+# modules by prefix, third-party packages by name), and analysis's one window into model.
+FORBIDDEN = {
+    "model": ("harness", "analysis", "ray", "mlflow"),
+    "analysis": ("harness", "ray"),
+}
+ANALYSIS_MAY_IMPORT_FROM_MODEL = {"model", "model.arms", "model.names", "model.cli"}
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """Every absolute module a file imports anywhere (``import a.b``, ``from a.b import c``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+def layering_violations(root: Path) -> list[str]:
+    graph, _ = import_graph(root, PACKAGES)
+    out = []
+    for module, path in project_modules(root, PACKAGES).items():
+        package = module.split(".")[0]
+        imported = graph[module] | top_level_imports(path)
+        for target in sorted(imported):
+            head = target.split(".")[0]
+            if head in FORBIDDEN.get(package, ()):
+                out.append(f"{module} imports {target}")
+            elif package == "analysis" and head == "model":
+                if target not in ANALYSIS_MAY_IMPORT_FROM_MODEL:
+                    out.append(f"{module} imports {target}")
+    return out
+
+
+def test_each_package_imports_only_what_the_architecture_page_allows():
+    violations = layering_violations(ROOT)
+    assert not violations, "layering (docs/architecture.md):\n" + "\n".join(violations)
+
+
 def test_the_checks_find_a_cycle_through_a_function_import_and_a_private_import(tmp_path):
     files = {
         # The package imports a submodule: its submodules importing it as their parent is no cycle.
