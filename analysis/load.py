@@ -97,8 +97,9 @@ def resolve_tracking_uri(cli_uri: str | None, experiment: str) -> str:
     """Tracking URI precedence: the CLI flag, then $MLFLOW_TRACKING_URI, then the study's store.
 
     Same order as `harness.tracking.resolve_tracking_uri` (not imported: analysis never imports
-    the harness). The default is the local SQLite store a sweep writes, `studies/<experiment>/mlflow.db`
-    relative to the working directory (the experiment name is the study name by default).
+    the harness). The default is the local SQLite store a sweep writes,
+    `studies/<experiment>/mlflow.db` relative to the working directory (the experiment name is
+    the study name by default).
     """
     if cli_uri:
         return cli_uri
