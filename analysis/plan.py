@@ -115,11 +115,14 @@ def sequential_plan(table: pd.DataFrame, design: SequentialDesign, effect: float
 
 def rounds(text: str) -> SequentialDesign:
     """``FIRST:STEP:MAX`` -> a sequential design (argparse type: a bad value exits 2)."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIRST:STEP:MAX, three integers")
+    first, step, most = (int(part) for part in parts)
     try:
-        first, step, most = (int(part) for part in text.split(":"))
         return SequentialDesign(first=first, step=step, max=most)
-    except (TypeError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected FIRST:STEP:MAX ({exc})") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -71,11 +71,17 @@ def test_plan_cli_prints_the_expected_seeds_of_a_sequential_design(pilot, capsys
     assert expected_effect < fixed <= 10
 
 
-def test_plan_rejects_a_bad_rounds_value_with_one_line(pilot, tmp_path):
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("3:2", "expected FIRST:STEP:MAX, three integers"), ("1:2:10", "need first >= 2")],
+)
+def test_plan_rejects_a_bad_rounds_value_with_one_line(value, problem, pilot, tmp_path):
     result = run_plan(
-        "--experiment", "toy", "--tracking-uri", pilot, "--rounds", "3:2", cwd=tmp_path
+        "--experiment", "toy", "--tracking-uri", pilot, "--rounds", value, cwd=tmp_path
     )
-    assert_one_error_line(result, "--rounds")
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"error: argument --rounds: '{value}': {problem}" in result.stderr
 
 
 def run_plan(*args: str, cwd: Path) -> subprocess.CompletedProcess:
