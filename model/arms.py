@@ -69,6 +69,9 @@ ARMS: tuple[Arm, ...] = (
     ),
 )
 
+# A spec's `methods` when it names none: the reference and the method the harness was built for.
+DEFAULT_METHODS: tuple[str, ...] = ("supervised", "pretrained")
+
 _plugins: dict[str, tuple[Arm, ...]] = {}  # BEVLABELS_ARMS value -> the rows it adds
 
 

@@ -28,6 +28,7 @@ def test_the_registry_is_consistent():
     table = arms.all_arms()
     assert len({a.name for a in table}) == len(table)
     assert [a.name for a in table if a.reference] == [arms.reference().name]
+    assert set(arms.DEFAULT_METHODS) <= {a.name for a in table}
     known = {o.name for o in objectives.OBJECTIVES}
     for arm in table:
         assert set(arm.finetune) <= known, arm
