@@ -62,6 +62,7 @@ from harness.trials import (
     expand_trials,
     pretrain_plan,
     pretrain_shares,
+    pseudo_label_specs,
     wsd_trunks,
 )
 from model import arms, names
@@ -400,12 +401,11 @@ def prepare_index(resolved: list, dataroot: Path, version: str, storage: Path) -
 
 
 def prepare_pseudo_labels(resolved: list, dataroot: Path, version: str, storage: Path) -> None:
-    """The pseudo-label sets the trials read (a search axis may vary them): simulated ones and
-    the controls are written once here (not by every trial); Mask2Former ones must exist."""
+    """The trials' pseudo-label sets, checked (and made, but Mask2Former's) once, up front."""
     from model.train import ensure_pseudo_labels
 
     where = dict(dataroot=str(dataroot), version=version, cache_dir=str(label_cache_dir(storage)))
-    for spec in [r.spec for r in resolved if r.needs_pseudo_labels]:  # made once, then one read
+    for spec in pseudo_label_specs(resolved):
         if problem := missing_pseudo_labels(spec, dataroot, version):
             raise SpecError(problem)
         ensure_pseudo_labels(spec.data.model_copy(update=where), spec.model.build())

@@ -162,10 +162,10 @@ def _short(value: Any) -> str:
 def expand_trials(spec: Spec) -> list[Trial]:
     """Every trial of a grid study (an Optuna study's trials are sampled while it runs).
 
-    Arms without a pretraining take no `pretrain.*` axis. Ordered fraction by fraction, the
-    arms in reverse display order (pretraining arms last in model.arms, so first here) and
-    seeds interleaved, so trials running at the same time rarely wait on the same
-    pretraining, and the first results cover all arms.
+    Arms without a pretraining take no `pretrain.*` axis. Ordered fraction by fraction, arms
+    that pretrain first (then the others in reverse display order) and seeds interleaved, so
+    trials running at the same time rarely wait on the same pretraining, and the first
+    results cover all arms.
     """
     trials: list[Trial] = []
     for method in spec.methods:
@@ -189,6 +189,17 @@ def expand_trials(spec: Spec) -> list[Trial]:
 def needs_pseudo_labels(spec: Spec) -> bool:
     """Whether any arm of the spec reads pseudo-labels (the spec's values, no search axis)."""
     return any(Trial(m, spec.seeds[0]).resolve(spec).needs_pseudo_labels for m in spec.methods)
+
+
+def pseudo_label_specs(resolved: Iterable[ResolvedTrial]) -> list[Spec]:
+    """One spec per distinct data and model section among the trials that read pseudo-labels
+    (trials mostly share them: their pseudo-label sets are checked and made once)."""
+    distinct = {
+        stable_hash(r.spec.model_dump(mode="json", include={"data", "model"})): r.spec
+        for r in resolved
+        if r.needs_pseudo_labels
+    }
+    return list(distinct.values())
 
 
 def pretrain_shares(resolved: Iterable[ResolvedTrial], fingerprint: str) -> dict[str, int]:

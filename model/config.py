@@ -279,7 +279,7 @@ class PhaseConfig(Config):
         """Objective -> weight (``model.objectives``): every ``w_<objective>`` field above 0,
         in the order the fields are declared."""
         return {
-            name[2:]: value
+            name[len(WEIGHT_PREFIX) :]: value
             for name, value in self
             if name.startswith(WEIGHT_PREFIX) and isinstance(value, float) and value
         }

@@ -97,3 +97,18 @@ def test_an_arm_defined_in_a_test_file_runs_through_a_sweep_into_mlflow_and_the_
     assert report.returncode == 0, report.stderr[-3000:]
     verdicts = (out / "verdicts.csv").read_text()
     assert "supervised_temporal" in verdicts
+
+
+def test_pseudo_label_sets_are_prepared_once_per_distinct_data_section():
+    from harness.spec import load_spec
+    from harness.trials import expand_trials, pseudo_label_specs
+
+    def specs(*overrides: str) -> list:
+        spec = load_spec(Path(THIS_FILE).parents[1] / "experiments/label_fraction.yaml", overrides)
+        return pseudo_label_specs([t.resolve(spec) for t in expand_trials(spec)])
+
+    assert len(specs()) == 1  # 60 trials, 20 of them read pseudo-labels, one set
+    sources = specs("search.data.pseudo_label_source=[labeler,shuffled]")
+    assert {s.data.pseudo_label_source for s in sources} == {"labeler", "shuffled"}
+    assert len(sources) == 2
+    assert specs("methods=[supervised]") == []
