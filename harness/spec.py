@@ -126,7 +126,9 @@ class Spec(_Section):
     search: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     optuna: OptunaSearch | None = None
     # The arms of model.arms to run (`supervised`, `pretrained`, `pct`, ...).
-    methods: list[str] = Field(default_factory=lambda: list(arms.DEFAULT_METHODS), min_length=1)
+    methods: list[str] = Field(
+        default_factory=lambda: list(arms.DEFAULT_METHODS), min_length=1, validate_default=True
+    )
     # What a compute-matched arm gets on top of its budget: the optimiser steps of its twin's
     # whole pretraining, or that divided among the trials sharing it.
     compute_matched: Literal["whole", "amortised"] = "whole"

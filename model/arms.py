@@ -83,21 +83,31 @@ def _plugin_arms() -> tuple[Arm, ...]:
         return _plugins[value]
     extra: list[Arm] = []
     for entry in filter(None, value.split(os.pathsep)):
-        if entry.endswith(".py"):
-            path = Path(entry).expanduser().resolve()
-            spec = importlib.util.spec_from_file_location(f"bevlabels_arms_{path.stem}", path)
-            if spec is None or spec.loader is None:
-                raise ValueError(f"{ENV}: cannot load {entry}")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(entry)
+        try:
+            module = _load(entry)
+        except (ImportError, OSError, SyntaxError) as exc:  # one line: the variable and entry
+            raise ValueError(f"{ENV}: cannot load {entry}: {exc}") from None
         for arm in getattr(module, "ARMS", ()):
+            if not isinstance(arm, Arm):
+                raise ValueError(f"{ENV}: {entry}: ARMS holds {arm!r}, not an Arm row")
             if arm.name in {a.name for a in (*ARMS, *extra)}:
                 raise ValueError(f"{ENV}: {entry}: arm {arm.name!r} is defined twice")
             extra.append(arm)
     _plugins[value] = tuple(extra)
     return _plugins[value]
+
+
+def _load(entry: str):
+    """A module name, or a ``.py`` file loaded as a module of its own."""
+    if not entry.endswith(".py"):
+        return importlib.import_module(entry)
+    path = Path(entry).expanduser().resolve()
+    spec = importlib.util.spec_from_file_location(f"bevlabels_arms_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError("not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def all_arms() -> tuple[Arm, ...]:

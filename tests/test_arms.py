@@ -112,3 +112,23 @@ def test_pseudo_label_sets_are_prepared_once_per_distinct_data_section():
     assert {s.data.pseudo_label_source for s in sources} == {"labeler", "shuffled"}
     assert len(sources) == 2
     assert specs("methods=[supervised]") == []
+
+
+def test_a_bad_arms_module_exits_2_with_one_line_naming_the_file_and_key(
+    tmp_path, monkeypatch, capsys
+):
+    from harness.sweep import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("study: s\n")  # no methods: the default arms are checked all the same
+    bad = tmp_path / "bad_arms.py"
+    bad.write_text("ARMS = (1,)\n")
+    for value, problem in [
+        (str(tmp_path / "missing.py"), "cannot load"),
+        (str(bad), "ARMS holds 1, not an Arm row"),
+    ]:
+        monkeypatch.setenv("BEVLABELS_ARMS", value)
+        assert main([str(spec), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert err.startswith(f"error: {spec}: methods: BEVLABELS_ARMS: ") and problem in err
