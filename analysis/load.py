@@ -52,7 +52,8 @@ INT_PARAMS = ("labelled_samples", "pretrain_epochs", "finetune_epochs", "seed")
 FLOAT_PARAMS = ("label_fraction", "w_reproj", "w_temporal", "w_bev")
 # Params that split one method into several configurations ("variants") when they differ
 # between trials of the same method, label fraction and seed (e.g. a loss-weight study).
-VARIANT_PARAMS = ("pretrain_epochs", "finetune_epochs", "w_reproj", "w_temporal", "w_bev", "preset")
+VARIANT_PARAMS = ("pretrain_epochs", "finetune_epochs", "w_reproj", "w_temporal", "w_bev", "preset",
+                  "pseudo_labels")  # fmt: skip
 
 
 class AnalysisError(Exception):
@@ -193,6 +194,10 @@ def _trial_params(run) -> dict:
         "seed": params.get(names.SEED, tags.get("bev.seed")),
         "preset": params.get(names.PRESET),
         "pretrain_key": tags.get(names.PRETRAIN_KEY),
+        "pseudo_labels": names.pseudo_label_name(
+            params.get(names.PSEUDO_LABELS), params.get(names.PSEUDO_LABEL_SOURCE),
+            params.get(names.PSEUDO_LABEL_NOISE),
+        ),  # fmt: skip
     }
     for column, param in PARAM_COLUMNS.items():
         if row.get(column) is None:
@@ -211,7 +216,8 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     methods = sorted(present, key=lambda m: (arms.order(m), m))
     frame["method"] = pd.Categorical(frame["method"], categories=methods)
     frame["status"] = frame["status"].astype("string")
-    frame["preset"] = frame["preset"].astype("string")
+    for name in ("preset", "pseudo_labels"):
+        frame[name] = frame[name].astype("string")
     for name in ("run_id", "run_name", "trial_id", "pretrain_key"):
         frame[name] = frame[name].astype("string")
     frame["start_time"] = pd.to_datetime(frame["start_time"], unit="ms", utc=True)
@@ -396,6 +402,7 @@ def load_study(experiment: str, tracking_uri: str | None = None, progress: bool 
         "w_bev",
         "seed",
         "preset",
+        "pseudo_labels",
         "pretrain_key",
         "status",
         "partial",

@@ -41,6 +41,8 @@ class _Section(BaseModel):
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
+# The keys that describe the grid, not one trial's settings (a trial's spec drops them).
+GRID_KEYS = ("search", "optuna", "exclude")
 # Sections a search axis may vary (dotted paths into them: `finetune.label_fraction`).
 SEARCHABLE = ("data", "model", "pretrain", "finetune")
 
@@ -122,8 +124,13 @@ class Spec(_Section):
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     runtime: RuntimeConfig = RuntimeConfig()
-    # Grid axes: dotted path -> values; every combination runs (see expand_trials).
+    # Grid axes: dotted path -> values; every combination runs (see expand_trials). A value
+    # that is a mapping sets several keys of the section at that path together (one axis:
+    # `data: [{pseudo_label_source: oracle}, {pseudo_label_noise: clean}]`).
     search: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+    # Grid points not to run: each entry a `method` and/or axis values; a trial matching all
+    # of an entry's keys is left out (`{method: pretrained, finetune.label_fraction: 1.0}`).
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
     optuna: OptunaSearch | None = None
     # The arms of model.arms to run (`supervised`, `pretrained`, `pct`, ...).
     methods: list[str] = Field(
@@ -161,7 +168,7 @@ class Spec(_Section):
     @classmethod
     def _axes(cls, search: dict) -> dict:
         for path, values in search.items():
-            _check_path((path,), path)
+            _check_path((path,), path, values)
             seen: list = []
             for i, value in enumerate(values):
                 if value in seen:
@@ -171,7 +178,7 @@ class Spec(_Section):
 
     @model_validator(mode="after")
     def _search_rules(self) -> Spec:
-        base = self.model_dump(mode="json", exclude={"search", "optuna"})
+        base = self.model_dump(mode="json", exclude=set(GRID_KEYS))
         lengths = self.search.get(names.PRETRAIN_EPOCHS, [])
         if self.pretrain.optim.schedule == "wsd":  # the lengths of one trunk, shortest first
             for i, value in enumerate(lengths):
@@ -187,8 +194,11 @@ class Spec(_Section):
         for path, values in self.search.items():
             for i, value in enumerate(values):
                 _validate_override(base, path, value, ("search", path, i))
+        self._exclude_rules()
         optuna = self.optuna
         if optuna is not None:
+            if self.exclude:
+                raise at(("exclude",), "an Optuna search samples its trials: no grid to exclude")
             if len(self.methods) != 1 or not arms.get(self.methods[0]).pretrains:
                 pretraining = ", ".join(a.name for a in arms.all_arms() if a.pretrains)
                 raise at(("methods",), f"an Optuna search needs methods: [{pretraining}]")
@@ -213,6 +223,19 @@ class Spec(_Section):
             raise at(("runtime", "device"), "'cpu' with resources.gpu > 0 wastes the GPU")
         return self
 
+    def _exclude_rules(self) -> None:
+        """Each entry names the method or search axes it matches, with values they take."""
+        for i, entry in enumerate(self.exclude):
+            if not entry:
+                raise at(("exclude", i), "an entry names a method and/or search axis values")
+            for key, value in entry.items():
+                allowed = self.methods if key == "method" else self.search.get(key)
+                if allowed is None:
+                    axes = ", ".join(["method", *self.search])
+                    raise at(("exclude", i, key), f"not a search axis; allowed: {axes}")
+                if value not in allowed:
+                    raise at(("exclude", i, key), f"{value!r} is none of its values {allowed}")
+
     @property
     def experiment(self) -> str:
         return self.mlflow.experiment or self.study
@@ -225,9 +248,10 @@ class Spec(_Section):
         return stable_hash(self.model_dump(mode="json"))
 
 
-def _check_path(loc: tuple, path: str) -> None:
+def _check_path(loc: tuple, path: str, values: list | None = None) -> None:
     head = path.split(".", 1)[0]
-    if head not in SEARCHABLE or "." not in path:
+    whole_section = path in SEARCHABLE and values and all(isinstance(v, dict) for v in values)
+    if head not in SEARCHABLE or ("." not in path and not whole_section):
         raise at(
             loc[:-1] + (path,),
             f"a search axis is a dotted path into {', '.join(SEARCHABLE)} "
@@ -250,7 +274,8 @@ def _validate_override(base: dict, path: str, value: Any, loc: tuple) -> None:
 
 
 def set_path(raw: dict, path: str, value: Any) -> None:
-    """Set dotted `path` in the nested dict `raw`, creating sections on the way."""
+    """Set dotted `path` in the nested dict `raw`, creating sections on the way; a mapping
+    set on a section sets its keys (recursively), leaving the section's other keys as they are."""
     parts = path.split(".")
     node = raw
     for part in parts[:-1]:
@@ -258,7 +283,11 @@ def set_path(raw: dict, path: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise TypeError(f"{part} is not a section")
         node = child
-    node[parts[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        for key, item in value.items():
+            set_path(node[parts[-1]], key, item)
+    else:
+        node[parts[-1]] = value
 
 
 # --- loading -------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ from harness.trials import (
     pretrain_plan,
     pretrain_shares,
     pseudo_label_specs,
+    short_value,
     wsd_trunks,
 )
 from model import arms, names
@@ -200,7 +201,7 @@ def plan_text(spec: Spec, trials: list[Trial]) -> str:
         (
             str(i + 1),
             r.trial.method,
-            *(_cell(dict(r.trial.overrides).get(path, "-")) for path in axes),
+            *(short_value(dict(r.trial.overrides).get(path, "-")) for path in axes),
             str(r.trial.seed),
             f"P{index[key]}" if key else "-",
         )
@@ -229,10 +230,6 @@ def plan_text(spec: Spec, trials: list[Trial]) -> str:
 
 def _budget(cfg) -> str:
     return f"{cfg.budget.value} {cfg.budget.unit}"
-
-
-def _cell(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _count(n: int, noun: str) -> str:

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from harness.spec import Spec, set_path, stable_hash, validate_spec
+from harness.spec import GRID_KEYS, Spec, set_path, stable_hash, validate_spec
 from model import arms, names, objectives
-from model.config import WEIGHT_PREFIX, FinetuneConfig, PretrainConfig
+from model.config import PSEUDO_LABEL_FIELDS, WEIGHT_PREFIX, FinetuneConfig, PretrainConfig
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Trial:
     @property
     def label(self) -> str:
         """A readable name from the trial alone: `pretrained-label_fraction=0.5-s0`."""
-        axes = [f"{path.rsplit('.', 1)[-1]}={_short(v)}" for path, v in self.overrides]
+        axes = [f"{path.rsplit('.', 1)[-1]}={short_value(v)}" for path, v in self.overrides]
         return "-".join([self.method, *axes, f"s{self.seed}"])
 
     @property
@@ -63,7 +63,7 @@ class Trial:
         may be a validated spec's JSON (what a trial worker receives): validated once, here."""
         if isinstance(spec, Spec):
             spec = spec.model_dump(mode="json")
-        raw = copy.deepcopy({k: v for k, v in spec.items() if k not in ("search", "optuna")})
+        raw = copy.deepcopy({k: v for k, v in spec.items() if k not in GRID_KEYS})
         for path, value in self.overrides:
             set_path(raw, path, value)
         finetune = raw["finetune"]
@@ -116,7 +116,7 @@ class ResolvedTrial:
     @property
     def name(self) -> str:
         axes = [
-            f"{path.rsplit('.', 1)[-1]}={_short(value)}"
+            f"{path.rsplit('.', 1)[-1]}={short_value(value)}"
             for path, value in self.trial.overrides
             if path != names.LABEL_FRACTION
         ]
@@ -151,32 +151,61 @@ class ResolvedTrial:
         }
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any) -> str:
+    """An axis value as trial names and tables show it."""
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, dict) and all(isinstance(v, str | int | float) for v in value.values()):
+        return "+".join(short_value(v) for v in value.values())  # {pseudo_label_noise: high}: high
     if isinstance(value, dict | list):  # a section as an axis value: a short stable tag
         return stable_hash(value, 6)
     return str(value)
 
 
+def _pseudo_labels_only(path: str, values: list) -> bool:
+    """Whether an axis changes only which pseudo-labels are read (``data.pseudo_label_*``)."""
+    fields = {f"data.{name}" for name in PSEUDO_LABEL_FIELDS}
+    if path in fields:
+        return True
+    head = f"{path}." if path else ""
+    return all(
+        isinstance(v, dict) and all(f"{head}{key}" in fields for key in v) for v in values
+    )
+
+
+def _axes_of(spec: Spec, method: str) -> dict[str, list]:
+    """The search axes that change a method's trials: a `pretrain.*` axis does not when the
+    arm does not pretrain, a pseudo-label axis does not when no phase of it reads them (one
+    supervised trial per cell serves every pretraining variant)."""
+    reads = Trial(method, spec.seeds[0]).resolve(spec).needs_pseudo_labels
+    return {
+        path: values
+        for path, values in spec.search.items()
+        if (arms.get(method).pretrains or not path.startswith("pretrain."))
+        and (reads or not _pseudo_labels_only(path, values))
+    }
+
+
+def _excluded(trial: Trial, exclude: list[dict]) -> bool:
+    values = {"method": trial.method, **dict(trial.overrides)}
+    return any(all(k in values and values[k] == v for k, v in e.items()) for e in exclude)
+
+
 def expand_trials(spec: Spec) -> list[Trial]:
     """Every trial of a grid study (an Optuna study's trials are sampled while it runs).
 
-    Arms without a pretraining take no `pretrain.*` axis. Ordered fraction by fraction, arms
-    that pretrain first (then the others in reverse display order) and seeds interleaved, so
-    trials running at the same time rarely wait on the same pretraining, and the first
-    results cover all arms.
+    An arm takes only the axes that change its trials (`_axes_of`); the spec's `exclude`
+    entries leave grid points out. Ordered fraction by fraction, arms that pretrain first (then
+    the others in reverse display order) and seeds interleaved, so trials running at the same
+    time rarely wait on the same pretraining, and the first results cover all arms.
     """
     trials: list[Trial] = []
     for method in spec.methods:
-        axes = {
-            path: values
-            for path, values in spec.search.items()
-            if arms.get(method).pretrains or not path.startswith("pretrain.")
-        }
+        axes = _axes_of(spec, method)
         for combo in itertools.product(*axes.values()):
             overrides = tuple(sorted(zip(axes, combo, strict=True)))
             trials.extend(Trial(method, seed, overrides) for seed in spec.seeds)
+    trials = [trial for trial in trials if not _excluded(trial, spec.exclude)]
     fraction = dict(spec.search).get(names.LABEL_FRACTION)
 
     def order(trial: Trial) -> tuple:

@@ -64,6 +64,11 @@ class SyntheticConfig(Config):
     seed: int = 0
 
 
+# The DataConfig fields that choose the pseudo-label set (model.data.pseudo_sources): a trial
+# that reads no pseudo-labels is the same trial whatever they are.
+PSEUDO_LABEL_FIELDS = ("pseudo_labels", "pseudo_label_source", "pseudo_label_noise")
+
+
 class DataConfig(Config):
     """Where the data comes from and what the labels are (``model.data``)."""
 

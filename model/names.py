@@ -33,8 +33,23 @@ PRETRAIN_EPOCHS = "pretrain.budget.value"  # the length (unit: pretrain.budget.u
 FINETUNE_EPOCHS = "finetune.budget.value"
 W_REPROJ, W_TEMPORAL, W_BEV = "pretrain.w_reproj", "pretrain.w_temporal", "finetune.w_bev"
 PRESET = "model.preset"
+# The data fields that choose the pseudo-labels (model.config.PSEUDO_LABEL_FIELDS).
+PSEUDO_LABELS = "data.pseudo_labels"  # the labeller; None: per data source
+PSEUDO_LABEL_SOURCE, PSEUDO_LABEL_NOISE = "data.pseudo_label_source", "data.pseudo_label_noise"
 VARIANT = "variant"  # a trial's arm and cell: `<arm>@0.5` (arms: model.arms)
 LABELLED_SAMPLES = "labelled_samples"
+
+
+def pseudo_label_name(labeler: str | None, source: str | None, noise: str | None) -> str:
+    """One word for the pseudo-labels a trial reads (the quality study's axis): ``oracle``,
+    ``shuffled``, ``mask2former`` or the simulated labeller's noise level (``clean`` ...
+    ``high``); a shuffled set of another level than medium: ``shuffled-high``."""
+    if source == "oracle":
+        return "oracle"
+    own = "mask2former" if labeler == "mask2former" else (noise or "medium")
+    if source == "shuffled":
+        return "shuffled" if own in ("medium", "mask2former") else f"shuffled-{own}"
+    return own
 
 # Every class of every label protocol, in the order tables list them (model.data.labels).
 CLASS_ORDER: tuple[str, ...] = (
