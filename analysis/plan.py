@@ -21,15 +21,15 @@ import sys
 
 import pandas as pd
 
-from analysis.load import AnalysisError, analysed_trials, load_study, resolve_tracking_uri
-from analysis.report import (
+from analysis.inputs import (
     check_store,
-    fraction,
+    fraction_arg,
     input_errors,
     one_line_error,
-    probability,
+    probability_arg,
     study_parser,
 )
+from analysis.load import AnalysisError, analysed_trials, load_study, resolve_tracking_uri
 from analysis.sequential import SequentialDesign, expected_seeds
 from analysis.stats import (
     POWER,
@@ -129,16 +129,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = study_parser(PROG, DESCRIPTION, "MLflow experiment of the pilot study")
     parser.add_argument(
         "--effect",
-        type=fraction,
+        type=fraction_arg,
         default=EFFECT,
         help=f"paired mIoU difference to detect, absolute (default {EFFECT}: 2.5 pp)",
     )
     parser.add_argument(
-        "--power", type=probability, default=POWER, help=f"wanted power (default {POWER})"
+        "--power", type=probability_arg, default=POWER, help=f"wanted power (default {POWER})"
     )
     parser.add_argument(
         "--alpha",
-        type=probability,
+        type=probability_arg,
         default=ALPHA,
         help=f"two-sided significance level of the paired t-test (default {ALPHA})",
     )

@@ -14,32 +14,31 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import html
 import json
 import logging
 import math
 import platform
-import socket
-import sqlite3
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pandas as pd
 
 from analysis.alignment import alignment_table
-from analysis.load import (
-    AnalysisError,
-    Study,
-    analysed_trials,
-    load_study,
-    resolve_tracking_uri,
-    sqlite_path,
+from analysis.inputs import (
+    check_store,
+    fraction_arg,
+    input_errors,
+    one_line_error,
+    output_dir,
+    probability_arg,
+    study_parser,
 )
+from analysis.load import AnalysisError, Study, analysed_trials, load_study, resolve_tracking_uri
+from analysis.quality import Quality
 from analysis.stats import (
     CONFIDENCE,
     POWER,
@@ -48,23 +47,27 @@ from analysis.stats import (
     default_reference,
     label_savings_table,
     paired_verdicts,
-    parse_cell,
     summarise,
     time_to_target,
 )
 from model import arms
-from model.cli import OneLineParser, int_at_least, stay_offline
+from model.cli import int_at_least, stay_offline
 
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
-FIGURES = ("miou_vs_fraction", "miou_vs_pretrain_length", "miou_vs_time", "class_iou_heatmap",
-           "pareto")  # fmt: skip
-OPTIONAL_FIGURES = ("miou_vs_pretrain_length",)  # drawn for studies of several lengths only
+FIGURES = ("miou_vs_fraction", "miou_vs_pretrain_length", "gain_vs_quality", "miou_vs_time",
+           "class_iou_heatmap", "pareto")  # fmt: skip
+# Drawn for studies of several pretraining lengths, of several pseudo-label sources, only.
+OPTIONAL_FIGURES = ("miou_vs_pretrain_length", "gain_vs_quality")
 FIGURE_CAPTIONS = {
     "miou_vs_pretrain_length": "Final validation mIoU against pretraining length, per label "
     "fraction: mean over seeds with a two-sided {confidence:.0%} Student-t band; dashed: the "
     "supervised mean at that fraction. mIoU against total training time per length: Pareto.",
+    "gain_vs_quality": "Paired gain of each pretraining arm over supervised at the same label "
+    "fraction (mean over seeds, {confidence:.0%} Student-t interval) against the quality of its "
+    "pseudo-labels (their mIoU against the BEV labels reprojected into the val images); dashed "
+    "band: what supervised loses by halving the labels (paired); dotted: least-squares line.",
     "miou_vs_fraction": "Final validation mIoU against BEV label fraction (log scale): mean over "
     "seeds with a two-sided {confidence:.0%} Student-t interval, faint dots single seeds; dashed: "
     "supervised with 100% labels; dotted: label-savings point.",
@@ -95,6 +98,7 @@ class Analysis:
     savings: pd.DataFrame
     class_iou: pd.DataFrame
     alignment: pd.DataFrame  # target alignment of the pretraining runs (analysis.alignment)
+    quality: Quality | None  # a pseudo-label quality study's table (analysis.quality)
     confidence: float
     clock: str
     n_boot: int
@@ -145,8 +149,10 @@ def analyse(
             "label savings not computed: needs supervised trials at label fraction 1.0 and "
             "pretrained trials"
         )
+    quality = Quality.of(trials, study.alignment, confidence, n_boot, seed)
     return Analysis(
         study=study,
+        quality=quality,
         trials=trials,
         epochs=epochs,
         summary=summarise(trials, confidence=confidence),
@@ -178,6 +184,8 @@ def make_figures(analysis: Analysis) -> dict:
         lengths["miou_vs_pretrain_length"] = curves.plot_miou_vs_pretrain_length(
             trials, analysis.confidence
         )
+    if analysis.quality is not None:
+        lengths["gain_vs_quality"] = analysis.quality.figure(analysis.confidence)
     return {
         **lengths,
         "miou_vs_fraction": curves.plot_miou_vs_fraction(
@@ -341,6 +349,8 @@ def verdicts_markdown(analysis: Analysis) -> str:
         analysis.time_to_target, analysis.reference, analysis.confidence
     )
     parts.append(markdown_table(to_target) if not to_target.empty else "Not computed.\n")
+    if analysis.quality is not None:
+        parts.append(analysis.quality.markdown(analysis.confidence))
     return "\n".join(parts)
 
 
@@ -417,6 +427,10 @@ def render_html(analysis: Analysis, figure_pngs: dict[str, Path]) -> str:
         "summary_html": table(analysis.summary),
         "class_iou_html": table(analysis.class_iou),
         "alignment_html": table(analysis.alignment) if not analysis.alignment.empty else None,
+        "quality_summary": analysis.quality.summary(analysis.confidence)
+        if analysis.quality is not None
+        else None,
+        "quality_html": table(analysis.quality.table) if analysis.quality is not None else None,
         "trials_html": table(study.trials[[c for c in TRIAL_COLUMNS if c in study.trials]]),
         "sweep": sweep,
         "sweep_environment": json.dumps(sweep.environment, indent=2, sort_keys=True)
@@ -453,6 +467,7 @@ def write_report(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
         "label_savings.csv": analysis.savings,
         "class_iou.csv": analysis.class_iou,
         "alignment.csv": analysis.alignment,
+        **({"quality.csv": analysis.quality.table} if analysis.quality is not None else {}),
     }
     for name, frame in csvs.items():
         frame.to_csv(out_dir / name, index=False)
@@ -473,6 +488,7 @@ LOGGED_FILES = (
     "label_savings.csv",
     "class_iou.csv",
     "alignment.csv",
+    "quality.csv",
 )
 
 
@@ -490,129 +506,12 @@ def log_to_sweep_run(study: Study, out_dir: Path) -> str | None:
     run_id = study.sweep.run_id
     client.log_artifacts(run_id, str(out_dir / "figures"), "report/figures")
     for name in LOGGED_FILES:
-        client.log_artifact(run_id, str(out_dir / name), "report")
+        if (out_dir / name).exists():  # quality.csv: quality studies only
+            client.log_artifact(run_id, str(out_dir / name), "report")
     return run_id
 
 
 # --- the CLI ------------------------------------------------------------------------------------
-
-
-def _fraction(upper_inclusive: bool):
-    """A number in (0, 1), or in (0, 1] with `upper_inclusive`."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (0 < value < 1 or (upper_inclusive and value == 1)):
-            interval = "0 < x <= 1" if upper_inclusive else "0 < x < 1"
-            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
-        return value
-
-    return parse
-
-
-def _experiment(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
-def _cell(text: str) -> Cell:
-    try:
-        return parse_cell(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _output_dir(text: str) -> Path:
-    path = Path(text).expanduser()
-    for existing in (path, *path.parents):
-        if existing.exists():
-            if not existing.is_dir():
-                raise argparse.ArgumentTypeError(f"{existing} exists and is not a directory")
-            break
-    return path
-
-
-def study_parser(prog: str, description: str, experiment_help: str) -> argparse.ArgumentParser:
-    """A parser with the options every analysis CLI shares: `--experiment`, `--tracking-uri`,
-    `--reference`; usage errors are one line."""
-    parser = OneLineParser(prog=prog, description=description)
-    parser.add_argument("--experiment", type=_experiment, required=True, help=experiment_help)
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else "
-        "sqlite:///studies/<experiment>/mlflow.db",
-    )
-    parser.add_argument(
-        "--reference",
-        type=_cell,
-        default=None,
-        help="VARIANT@FRACTION the other cells are compared with, seed by seed "
-        "(default supervised@1.0)",
-    )
-    return parser
-
-
-probability = _fraction(upper_inclusive=False)  # a level, a power: 0 < x < 1
-fraction = _fraction(upper_inclusive=True)  # an mIoU, a difference of mIoUs: 0 < x <= 1
-
-
-def check_store(uri: str) -> None:
-    """Refuse, with an AnalysisError, what MLflow would meet with a traceback or minutes of
-    retries: a file that is not an MLflow SQLite store (MLflow would also write its tables into
-    an empty one) and an http(s) server that does not answer."""
-    path = sqlite_path(uri)
-    if path is not None and path.is_file():
-        try:
-            with contextlib.closing(
-                sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-            ) as db:
-                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
-        except sqlite3.DatabaseError as exc:
-            raise AnalysisError(
-                f"cannot read MLflow store {uri}: {path} is not a SQLite database ({exc})"
-            ) from None
-        if "experiments" not in tables:
-            raise AnalysisError(f"cannot read MLflow store {uri}: {path} has no MLflow tables")
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        try:
-            address = (parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
-            socket.create_connection(address, timeout=10).close()
-        except (OSError, ValueError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise AnalysisError(f"cannot reach MLflow server {uri}: {reason}") from None
-
-
-def input_errors() -> tuple[type[Exception], ...]:
-    """The exceptions an analysis CLI reports as one line (imports MLflow: call it late)."""
-    from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import DatabaseError
-
-    return AnalysisError, MlflowException, DatabaseError
-
-
-def one_line_error(exc: Exception, uri: str | None = None) -> int:
-    """Print an input problem as one `error:` line on stderr; returns the exit status, 2."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
-
-    if isinstance(exc, AnalysisError):
-        message = str(exc)
-    elif isinstance(exc, UnsupportedModelRegistryStoreURIException):
-        message = (
-            f"unsupported MLflow tracking URI {uri!r}: use sqlite:///PATH, a directory, "
-            "http(s)://HOST:PORT or a database URL"
-        )
-    elif isinstance(exc, MlflowException):
-        message = f"MLflow store {uri}: {exc.message}"
-    else:  # the database behind a SQL store
-        message = f"cannot read MLflow store {uri}: {getattr(exc, 'orig', None) or exc}"
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -623,12 +522,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out",
-        type=_output_dir,
+        type=output_dir,
         help="output directory (default: studies/<experiment>/report)",
     )
     parser.add_argument(
         "--confidence",
-        type=probability,
+        type=probability_arg,
         default=CONFIDENCE,
         help=f"interval level (default {CONFIDENCE})",
     )
@@ -646,12 +545,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--target",
-        type=fraction,
+        type=fraction_arg,
         help="mIoU for time-to-target (default: the reference's final mean over seeds)",
     )
     parser.add_argument(
         "--power",
-        type=probability,
+        type=probability_arg,
         default=POWER,
         help=f"power of the smallest detectable effect printed next to each verdict "
         f"(default {POWER})",
