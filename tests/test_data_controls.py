@@ -108,6 +108,21 @@ def test_oracle_labels_are_the_bev_labels_where_the_rays_hit(root, cache, oracle
     assert classes == {0, 1, 2, 3, IGNORE}  # every class is reached somewhere
 
 
+def test_the_oracle_check_sees_the_geometry_moved_by_one_pixel(root, cache, oracle):
+    """The comparison above is sharp: the expected labels with the principal point moved by
+    one pixel disagree with the written ones in every camera of a keyframe."""
+    labels = LabelCache(cache, dataset_fingerprint(root, VERSION), CFG)
+    rec = keyframes(root, cache)[0]
+    bev = labels.load(rec.sample_token)
+    for path, hw, k, e in zip(
+        rec.image_paths, rec.image_sizes, rec.intrinsics, rec.ego_from_cam, strict=True
+    ):
+        moved = k.copy()
+        moved[0, 2] += 1.0
+        got = read_label(root, oracle, path)
+        assert (got != bev_label_at_rays(bev, moved, e, hw)).sum() > 0, path
+
+
 def test_oracle_needs_only_the_bev_labels_and_the_calibration(synthetic_root, tmp_path):
     bare = tmp_path / "root"  # as real nuScenes: no simulated ground truth, no labeller's files
     shutil.copytree(synthetic_root, bare, ignore=shutil.ignore_patterns("semantic", "pseudo_*"))
