@@ -172,7 +172,7 @@ CASES = [
         "report-db-empty",
         f"{R} --tracking-uri sqlite:///{{empty}}",
         "{empty}",
-        "has no MLflow tables",
+        "without MLflow tables",
     ),
     Case(
         "report-db-missing",
