@@ -29,7 +29,8 @@ from model.data.errors import (
     MapNotFoundError,
     MissingPseudoLabelsError,
 )
-from model.data.labels import FINE_CLASSES, LabelConfig, rasterise_bev_label
+from model.data.labels import FINE_CLASSES, LabelConfig
+from model.data.rasterise import rasterise_bev_label
 from model.data.subsets import label_subset
 from model.geometry import CAMERAS, BevGrid, invert_transform
 

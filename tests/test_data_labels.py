@@ -19,6 +19,7 @@ from shapely import affinity
 from shapely.geometry import LineString, Polygon, box
 
 import model.data.labels as labels
+from model.data.canvas import ego_yaw
 from model.data.labels import (
     FINE_CLASSES,
     HDMAPNET_CLASSES,
@@ -26,13 +27,12 @@ from model.data.labels import (
     PROTOCOLS,
     LabelConfig,
     class_names,
-    ego_yaw,
     is_multilabel,
     pack_label,
     paint_path,
-    rasterise_bev_label,
     unpack_label,
 )
+from model.data.rasterise import rasterise_bev_label
 from model.geometry import BevGrid, transform_from_pose
 
 GRID = BevGrid(-12.0, 12.0, -8.0, 8.0, 0.2)  # 120 x 80, not square, small

@@ -157,7 +157,8 @@ def _checked_inputs(parser: OneLineParser, args: argparse.Namespace):
     """Everything the run needs, checked before anything is written; exit 2 naming the flag."""
     from model.data.dataset import index_split, pseudo_label_command, pseudo_label_path
     from model.data.errors import DataError
-    from model.data.labels import PSEUDO_LABEL_PROTOCOL, LabelConfig, check_source
+    from model.data.labels import PSEUDO_LABEL_PROTOCOL, LabelConfig
+    from model.data.rasterise import check_source
 
     if min(args.image_size) < 16:
         parser.error(f"--image-size {' '.join(map(str, args.image_size))}: sides must be >= 16")
