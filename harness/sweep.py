@@ -271,7 +271,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
         dataroot, version = prepare_data(spec, storage, progress=args.loudness != console.QUIET)
         resolved = [t.resolve(spec) for t in trials]
         prepare_pseudo_labels(resolved, dataroot, version, storage)
-        from model.data.dataset import dataset_fingerprint
+        from model.data.keyframes import dataset_fingerprint
 
         fingerprint = dataset_fingerprint(dataroot, version)
         prepare_index(resolved, dataroot, version, storage)
@@ -391,7 +391,7 @@ def prepare_data(spec: Spec, storage: Path, progress: bool = True) -> tuple[Path
 def prepare_index(resolved: list, dataroot: Path, version: str, storage: Path) -> None:
     """The keyframe index of every split the trials read, cached once here: each trial reads it
     instead of importing the devkit and loading its tables."""
-    from model.data.dataset import index_split
+    from model.data.keyframes import index_split
 
     for split in sorted({s for r in resolved for s in (r.spec.data.train_split, r.spec.data.val_split)}):  # noqa: E501
         index_split(dataroot, version, split, cache_dir=label_cache_dir(storage))

@@ -46,7 +46,7 @@ from model.config import (
     RuntimeConfig,
 )
 from model.data.controls import ensure_label_set
-from model.data.dataset import index_split, split_scenes
+from model.data.keyframes import index_split, split_scenes
 from model.data.label_cache import default_cache_dir
 from model.data.labels import class_names
 from model.data.subsets import LabelSubset, label_subset

@@ -21,7 +21,7 @@ from harness.spec import SpecError, load_spec
 from harness.trials import Trial, expand_trials
 from model.config import DataConfig
 from model.data.controls import ensure_label_set, perspective_classes, shuffle_partners
-from model.data.dataset import dataset_fingerprint, index_split, split_names
+from model.data.keyframes import dataset_fingerprint, index_split, split_names
 from model.data.label_cache import LabelCache
 from model.data.labels import FINE_CLASSES, LabelConfig
 from model.data.pseudo_labels import PSEUDO_CLASSES

@@ -541,7 +541,7 @@ def paint_shapes(dataroot, location: str, global_from_ego, grid: BevGrid) -> dic
 
 
 def test_paint_labels_are_the_painted_marks_widened_to_the_line(synthetic_root):
-    from model.data.dataset import index_split
+    from model.data.keyframes import index_split
 
     grid = BevGrid(-30.0, 30.0, -15.0, 15.0, 0.5)
     records = index_split(synthetic_root, "v1.0-mini", "train")
@@ -647,7 +647,7 @@ def test_cache_key_changes_with_a_rule(monkeypatch, table, key, value):
 
 
 def test_synthetic_sample_labels_equal_devkit_rasterisation(synthetic_root, devkit_lines_fixed):
-    from model.data.dataset import index_split
+    from model.data.keyframes import index_split
 
     grid = BevGrid(-30.0, 30.0, -15.0, 15.0, 0.3)
     records = index_split(synthetic_root, "v1.0-mini", "train")

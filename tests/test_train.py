@@ -21,7 +21,8 @@ from model.config import (
 )
 from model.data.alignment_stats import chance_miou as alignment_chance_miou
 from model.data.batching import make_loader
-from model.data.dataset import NuScenesBevDataset, split_scenes
+from model.data.dataset import NuScenesBevDataset
+from model.data.keyframes import split_scenes
 from model.data.labels import HDMAPNET_CLASSES, LabelConfig
 from model.data.subsets import label_subset
 from model.forward import evaluate

@@ -38,7 +38,7 @@ PROG = "python -m model.data.alignment"
 
 
 def _pseudo_label_paths(dataset, labeler: str, protocol: str) -> list[list[Path]]:
-    from model.data.dataset import pseudo_label_path
+    from model.data.pseudo_sources import pseudo_label_path
 
     return [
         [pseudo_label_path(dataset.dataroot, labeler, protocol, p) for p in rec.image_paths]
@@ -49,7 +49,7 @@ def _pseudo_label_paths(dataset, labeler: str, protocol: str) -> list[list[Path]
 def _read_pseudo_labels(paths: list[Path], image_size: tuple[int, int]) -> torch.Tensor:
     import cv2
 
-    from model.data.dataset import read_image
+    from model.data.images import read_image
 
     height, width = image_size
     out = []
@@ -155,9 +155,10 @@ def _parser() -> OneLineParser:
 
 def _checked_inputs(parser: OneLineParser, args: argparse.Namespace):
     """Everything the run needs, checked before anything is written; exit 2 naming the flag."""
-    from model.data.dataset import index_split, pseudo_label_command, pseudo_label_path
     from model.data.errors import DataError
+    from model.data.keyframes import index_split
     from model.data.labels import PSEUDO_LABEL_PROTOCOL, LabelConfig
+    from model.data.pseudo_sources import pseudo_label_command, pseudo_label_path
     from model.data.rasterise import check_source
 
     if min(args.image_size) < 16:

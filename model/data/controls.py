@@ -38,14 +38,9 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from model.data.alignment_stats import ray_cells
-from model.data.dataset import (
-    SampleRecord,
-    dataset_fingerprint,
-    index_split,
-    read_image,
-    split_names,
-)
 from model.data.errors import MissingPseudoLabelsError
+from model.data.images import read_image
+from model.data.keyframes import SampleRecord, dataset_fingerprint, index_split, split_names
 from model.data.label_cache import (
     LabelCache,
     LabelJob,

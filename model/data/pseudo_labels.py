@@ -37,10 +37,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from model.data.dataset import check_dataroot, load_nuscenes, pseudo_label_path, read_image
+from model.data.images import read_image
+from model.data.keyframes import check_dataroot, load_nuscenes
 from model.data.label_cache import atomic_write_bytes, write_png
 from model.data.labels import PSEUDO_LABEL_PROTOCOL
-from model.data.pseudo_sources import NOISE_LEVELS, is_complete, labeler_set
+from model.data.pseudo_sources import NOISE_LEVELS, is_complete, labeler_set, pseudo_label_path
 from model.data.vistas import VISTAS_CLASSES
 from model.geometry import CAMERAS
 from model.names import IGNORE
