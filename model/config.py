@@ -89,7 +89,7 @@ class DataConfig(Config):
     # cameras (the positive control), "shuffled", the labeller's labels of another keyframe
     # (the negative control).
     pseudo_label_source: Literal["labeler", "oracle", "shuffled"] = "labeler"
-    # The simulated labeller's corruption preset (model.data.pseudo_labels.Corruption), read by
+    # The simulated labeller's corruption preset (model.data.simulated_labeler.Corruption), read by
     # the sources "labeler" and "shuffled"; "oracle" has no labeller.
     pseudo_label_noise: Literal["clean", "low", "medium", "high"] = "medium"
     synthetic: SyntheticConfig = SyntheticConfig()

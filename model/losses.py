@@ -100,7 +100,7 @@ def reprojection_bce_loss(
     pseudo_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-label protocols: perspective class k stands for the BEV channels
-    ``channel_groups[k]`` (empty for background; see ``model.data.pseudo_labels.PSEUDO_TO_BEV``).
+    ``channel_groups[k]`` (empty for background; see ``model.data.pseudo_classes.PSEUDO_TO_BEV``).
 
     For every non-empty group, P(group) = 1 - prod(1 - sigmoid(channel)) (noisy-OR: a lane
     marking pixel is some divider or a stop line, we do not know which) is trained with binary

@@ -27,7 +27,7 @@ from torch import nn
 
 from model.config import PhaseConfig
 from model.data.labels import PSEUDO_LABEL_PROTOCOL, is_multilabel
-from model.data.pseudo_labels import PSEUDO_CLASSES, pseudo_channel_groups
+from model.data.pseudo_classes import PSEUDO_CLASSES, pseudo_channel_groups
 from model.geometry import BevGrid
 from model.interface import BevModel
 from model.losses import (

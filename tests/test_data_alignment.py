@@ -173,7 +173,7 @@ def test_meter_pools_reach_per_class_over_the_split():
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     """2 scenes x 2 keyframes (one val scene) with simulated pseudo-labels."""
-    from model.data.pseudo_labels import run_synthetic
+    from model.data.simulated_labeler import run_synthetic
     from model.data.synthetic import generate_dataset
 
     root = generate_dataset(

@@ -24,7 +24,7 @@ from model.data.controls import ensure_label_set, perspective_classes, shuffle_p
 from model.data.keyframes import dataset_fingerprint, index_split, split_names
 from model.data.label_cache import LabelCache
 from model.data.labels import FINE_CLASSES, LabelConfig
-from model.data.pseudo_labels import PSEUDO_CLASSES
+from model.data.pseudo_classes import PSEUDO_CLASSES
 from model.data.pseudo_sources import (
     MARKER,
     NOISE_LEVELS,

@@ -565,7 +565,7 @@ def test_paint_source_without_painted_marks_raises_naming_source(toy_map):
 
 
 def test_paint_classes_follow_the_pseudo_labels_vistas_mapping():
-    from model.data.pseudo_labels import VISTAS_TO_PROTOCOL
+    from model.data.pseudo_classes import VISTAS_TO_PROTOCOL
 
     for vistas, name in PAINT_CLASSES.items():
         assert VISTAS_TO_PROTOCOL["hdmapnet"][vistas] == name

@@ -49,7 +49,7 @@ from model.data.label_cache import (
     write_png,
 )
 from model.data.labels import PSEUDO_LABEL_PROTOCOL, LabelConfig, is_multilabel
-from model.data.pseudo_labels import ensure_synthetic, pseudo_channel_groups
+from model.data.pseudo_classes import pseudo_channel_groups
 from model.data.pseudo_sources import (
     MARKER,
     is_complete,
@@ -60,6 +60,7 @@ from model.data.pseudo_sources import (
     pseudo_label_path,
     shuffled_set,
 )
+from model.data.simulated_labeler import ensure_synthetic
 from model.geometry import BevGrid
 from model.names import IGNORE
 from model.reprojection import reprojection_grids

@@ -297,3 +297,16 @@ def _check_map(root: Path, scene_name: str, location: str) -> None:
             f"scene {scene_name} is in map location {location!r} but {path} does not exist "
             f"(the devkit knows {locations}); BEV labels need the map expansion"
         )
+
+
+def camera_images(dataroot: Path, version: str) -> list[Path]:
+    """Every keyframe camera image of the version, in sample order then CAMERAS order."""
+    nusc = load_nuscenes(str(dataroot), version)
+    paths = []
+    for sample in nusc.sample:
+        for cam in CAMERAS:
+            if cam in sample["data"]:
+                paths.append(
+                    Path(dataroot) / nusc.get("sample_data", sample["data"][cam])["filename"]
+                )
+    return paths

@@ -83,7 +83,7 @@ PSEUDO_LABEL_PROTOCOL: dict[str, str] = {
     "hdmapnet_filled": "hdmapnet",
     "fine": "fine",
 }
-# A paint mark's Vistas class -> hdmapnet class: pseudo_labels.VISTAS_TO_PROTOCOL["hdmapnet"].
+# A paint mark's Vistas class -> hdmapnet class: pseudo_classes.VISTAS_TO_PROTOCOL["hdmapnet"].
 PAINT_CLASSES: dict[str, str] = {
     "Lane Marking - General": "divider",
     "Lane Marking - Crosswalk": "ped_crossing",
