@@ -18,8 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from model.data.synthetic import render, tables
+from model.data.synthetic.markings import WHITE, YELLOW
 from model.data.synthetic.rig import camera_rig, ego_from_lidar
-from model.data.synthetic.world import WHITE, YELLOW, World, make_world
+from model.data.synthetic.world import World, make_world
 
 log = logging.getLogger(__name__)
 
