@@ -156,7 +156,7 @@ class LabelConfig:
         """The rules the rasteriser applies for this config (they key the cache)."""
         out = {"protocol": _RULES[self.protocol]}
         if self.source == "paint":
-            from model.data.synthetic.tables import PAINT_FORMAT_VERSION
+            from model.data.synthetic.maps import PAINT_FORMAT_VERSION
 
             out["paint"] = {"classes": PAINT_CLASSES, "format": PAINT_FORMAT_VERSION}
         return out

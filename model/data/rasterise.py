@@ -116,7 +116,7 @@ def _crossing_edge_index(nusc_map: NuScenesMap, count: int) -> _LayerIndex:
 def _paint_index(nusc_map: NuScenesMap) -> dict[str, _LayerIndex]:
     per_map = _INDEXES.setdefault(nusc_map, {})
     if "paint" not in per_map:
-        from model.data.synthetic.tables import PAINT_FORMAT_VERSION
+        from model.data.synthetic.maps import PAINT_FORMAT_VERSION
 
         path = paint_path(nusc_map.dataroot, nusc_map.map_name)
         if not path.is_file():

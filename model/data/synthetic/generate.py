@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from model.data.synthetic import render, tables
+from model.data.synthetic import maps, render, tables
 from model.data.synthetic.markings import WHITE, YELLOW
 from model.data.synthetic.rig import camera_rig, ego_from_lidar
 from model.data.synthetic.world import World, make_world
@@ -303,13 +303,13 @@ def generate_dataset(
         for loc in sorted(set(locations)):
             members = [(i, worlds[i]) for i in range(scenes) if locations[i] == loc]
             _write_json(
-                tmp / "maps" / "expansion" / f"{loc}.json", tables.map_json(loc, members, tok)
+                tmp / "maps" / "expansion" / f"{loc}.json", maps.map_json(loc, members, tok)
             )
             _write_json(
                 tmp / "maps" / "paint" / f"{loc}.json",
-                tables.paint_json(loc, [w for _, w in members]),
+                maps.paint_json(loc, [w for _, w in members]),
             )
-            img, res = tables.basemap([w for _, w in members])
+            img, res = maps.basemap([w for _, w in members])
             basemap_res[loc] = res
             cv2.imwrite(
                 str(tmp / "maps" / f"{tok('map', loc)}.png"),

@@ -5,7 +5,7 @@ it in a four-way or T junction). Each road is a centreline plus a cross-section 
 direction, lane width, centre-line style, sidewalks). Everything else is derived from that with
 shapely: the drivable area (with rounded junction corners), road segments, lanes, lane and road
 dividers, zebra crossings with stop lines, curbs and walkways. The same geometry becomes the
-nuScenes vector map (``tables.py``) and the ground texture the cameras see (``render.py``), so
+nuScenes vector map (``maps.py``) and the ground texture the cameras see (``render.py``), so
 images and map agree by construction. The pieces: ``road.py`` (a road), ``markings.py`` (the map
 elements and paint along it), ``traffic.py`` (the other cars); this module lays them out.
 
