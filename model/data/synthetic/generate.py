@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from model.data.synthetic import maps, render, tables
+from model.data.synthetic import maps, render, tables, texture
 from model.data.synthetic.markings import WHITE, YELLOW
 from model.data.synthetic.rig import camera_rig, ego_from_lidar
 from model.data.synthetic.world import World, make_world
@@ -132,8 +132,8 @@ def _render_scene(job: _Job) -> tables.SceneInfo:
     args = job.args
     rig = camera_rig(args.image_size)
     rng = np.random.default_rng([args.seed, job.index, 1])
-    look = render.Look.draw(rng, wear=float(rng.uniform(0.0, 0.6)))
-    tex = render.GroundTexture(job.world, look, rng, texel_m(args.image_size))
+    look = texture.Look.draw(rng, wear=float(rng.uniform(0.0, 0.6)))
+    tex = texture.GroundTexture(job.world, look, rng, texel_m(args.image_size))
     sky = render.Skyline(rng)
     rays = [render.CameraRays(cam, tex.res_m, look) for cam in rig]
     lidar_pose = ego_from_lidar()
