@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_analysis_store import EPOCHS, FINAL_MIOU, SEEDS, Trial, build_store
 
-from analysis.report import FIGURES, LOGGED_FILES, OPTIONAL_FIGURES
+from analysis.findings import FIGURES, OPTIONAL_FIGURES
+from analysis.report import LOGGED_FILES
 
 ALWAYS_DRAWN = [name for name in FIGURES if name not in OPTIONAL_FIGURES]
 
