@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.findings import FIGURES, Analysis
-from analysis.stats import CONFIDENCE, TARGET_ACCOUNTINGS, Cell
+from analysis.stats import CONFIDENCE, Cell
+from analysis.target_time import TARGET_ACCOUNTINGS
 
 TEMPLATES = Path(__file__).parent / "templates"
 FIGURE_CAPTIONS = {

@@ -12,16 +12,9 @@ import pandas as pd
 from analysis.alignment import alignment_table
 from analysis.load import AnalysisError, Study, analysed_trials
 from analysis.quality import Quality
-from analysis.stats import (
-    CONFIDENCE,
-    POWER,
-    Cell,
-    default_reference,
-    label_savings_table,
-    paired_verdicts,
-    summarise,
-    time_to_target,
-)
+from analysis.savings import label_savings_table
+from analysis.stats import CONFIDENCE, POWER, Cell, default_reference, paired_verdicts, summarise
+from analysis.target_time import time_to_target
 from model import arms
 
 FIGURES = ("miou_vs_fraction", "miou_vs_pretrain_length", "gain_vs_quality", "miou_vs_time",
@@ -123,7 +116,7 @@ def analyse(
 def make_figures(analysis: Analysis) -> dict:
     """name -> matplotlib Figure, for the report and for inline display in the notebook."""
     from analysis import curves
-    from analysis.stats import LabelSavings
+    from analysis.savings import LabelSavings
 
     savings = [LabelSavings(**row) for row in analysis.savings.to_dict("records")]
     trials, lengths = analysis.trials, {}

@@ -211,7 +211,7 @@ def test_the_length_figure_draws_one_line_per_fraction_over_the_lengths():
 
 def test_time_figure_legend_has_no_target_entries_for_what_is_not_drawn():
     from analysis.curves import plot_miou_vs_time
-    from analysis.stats import time_to_target
+    from analysis.target_time import time_to_target
 
     epochs = pd.DataFrame(
         {
