@@ -245,7 +245,7 @@ def test_training_reads_the_set_its_data_config_names(root, cache, oracle):
 
 
 def test_the_sweep_writes_every_set_its_trials_read(synthetic_root, tmp_path):
-    from harness.sweep import prepare_pseudo_labels
+    from harness.sweep_setup import prepare_pseudo_labels
 
     root = Path(shutil.copytree(synthetic_root, tmp_path / "root"))
     axis = {"data.pseudo_label_source": ["oracle", "shuffled"]}
