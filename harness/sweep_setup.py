@@ -80,7 +80,7 @@ def prepare_index(resolved: list, dataroot: Path, version: str, storage: Path) -
 
 def prepare_pseudo_labels(resolved: list, dataroot: Path, version: str, storage: Path) -> None:
     """The trials' pseudo-label sets, checked (and made, but Mask2Former's) once, up front."""
-    from model.train import ensure_pseudo_labels
+    from model.training.train import ensure_pseudo_labels
 
     where = dict(dataroot=str(dataroot), version=version, cache_dir=str(label_cache_dir(storage)))
     for spec in pseudo_label_specs(resolved):

@@ -23,9 +23,9 @@ from model.data.alignment_stats import (
 )
 from model.data.labels import HDMAPNET_CLASSES
 from model.data.synthetic.rig import camera_rig
+from model.evaluation.metrics import ArgmaxIoU
 from model.geometry import BevGrid
-from model.metrics import ArgmaxIoU
-from model.reprojection import (
+from model.network.reprojection import (
     IGNORE,
     ReprojectionGrids,
     reproject_bev_logits,

@@ -35,7 +35,7 @@ from model.data.pseudo_sources import (
 )
 from model.geometry import BevGrid
 from model.names import IGNORE
-from model.reprojection import reprojection_grids
+from model.network.reprojection import reprojection_grids
 
 VERSION = "v1.0-mini"
 GRID = BevGrid(-30.0, 30.0, -15.0, 15.0, 0.5)  # the nano preset's label grid
@@ -235,7 +235,7 @@ def test_the_source_is_a_search_axis(tmp_path):
 
 def test_training_reads_the_set_its_data_config_names(root, cache, oracle):
     from model.presets import get_preset
-    from model.train import ensure_pseudo_labels
+    from model.training.train import ensure_pseudo_labels
 
     data = DataConfig(dataroot=str(root), cache_dir=str(cache), pseudo_label_source="oracle")
     assert ensure_pseudo_labels(data, get_preset("nano")) == oracle

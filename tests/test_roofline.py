@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.bevformer import BEVFormerSeg
 from model.geometry import BevGrid
+from model.network.bevformer import BEVFormerSeg
 from model.presets import get_preset
-from model.roofline import Roofline, conv_flops, conv_peak, count_flops
+from model.tools.roofline import Roofline, conv_flops, conv_peak, count_flops
 
 SHAPE = (2, 8, 6, 10)
 
@@ -66,7 +66,7 @@ def _number(pattern: str, text: str) -> float:
 
 
 def test_bench_compare_prints_the_floor_against_the_arms_it_timed(capsys):
-    from model import bench
+    from model.tools import bench
 
     bench.main(
         ["--preset", "nano", "--device", "cpu", "--compare", "--batch", "1", "--steps", "1",

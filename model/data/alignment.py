@@ -29,7 +29,7 @@ from model.cli import OneLineParser
 from model.data.alignment_stats import AlignmentMeter
 from model.geometry import BevGrid
 from model.names import MIOU, iou_name
-from model.reprojection import reprojection_grids
+from model.network.reprojection import reprojection_grids
 
 PROG = "python -m model.data.alignment"
 
@@ -214,11 +214,12 @@ def score_checkpoint(
 ) -> dict[str, float]:
     """A pretraining head against the labels the flags describe: ``head_mIoU`` (all cells, as
     ``pretrain/val_mIoU``), ``head_reached_mIoU`` and ``head_perspective_mIoU``
-    (``model.diagnostics``), with the checkpoint's own grid, stride and history setting."""
-    from model.checkpoint import load_checkpoint
+    (``model.evaluation.diagnostics``), with the checkpoint's own grid, stride and history
+    setting."""
     from model.config import DataConfig, PretrainConfig, RuntimeConfig
-    from model.diagnostics import PREFIX, checkpoint_alignment
-    from model.train import evaluate_checkpoint
+    from model.evaluation.diagnostics import PREFIX, checkpoint_alignment
+    from model.training.checkpoint import load_checkpoint
+    from model.training.train import evaluate_checkpoint
 
     pre = PretrainConfig.model_validate(load_checkpoint(checkpoint)["phase_cfg"])
     data = DataConfig(

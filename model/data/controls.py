@@ -2,8 +2,8 @@
 
 - ``oracle``, the positive control: the BEV labels of a label config reprojected into every
   camera with the reprojection loss's own geometry. Each pixel's ray
-  (``model.reprojection.reprojection_grids`` at stride 1 on the original image, pixel centres
-  at integer coordinates) meets the ground in one BEV cell (``model.data.alignment_stats.
+  (``model.network.reprojection.reprojection_grids`` at stride 1 on the original image, pixel
+  centres at integer coordinates) meets the ground in one BEV cell (``model.data.alignment_stats.
   ray_cells``: the cell holding the point where the loss samples the BEV), and the pixel gets
   that cell's class in perspective classes (``perspective_classes``). Pixels whose ray does not
   meet the ground in front of the camera, or meets it outside the grid, are IGNORE. It needs
@@ -63,7 +63,7 @@ from model.data.pseudo_sources import (
 from model.data.simulated_labeler import ensure_synthetic
 from model.geometry import BevGrid
 from model.names import IGNORE
-from model.reprojection import reprojection_grids
+from model.network.reprojection import reprojection_grids
 
 log = logging.getLogger(__name__)
 

@@ -95,8 +95,8 @@ def pseudo_label_command(dataroot: Path, version: str, label_set: str, protocol:
     """How the files of a set are made (what a missing-files error tells the user)."""
     if label_set.startswith(("oracle-", "shuffled-")):
         return (
-            f"a training run that reads them (model.train.ensure_pseudo_labels writes {label_set} "
-            f"into {Path(dataroot) / 'pseudo_labels'} on first use)"
+            "a training run that reads them (model.training.train.ensure_pseudo_labels writes "
+            f"{label_set} into {Path(dataroot) / 'pseudo_labels'} on first use)"
         )
     labeler, _, noise = label_set.partition("-")
     command = (

@@ -1,14 +1,14 @@
 """Training-step benchmark of a preset on synthetic inputs.
 
-    python -m model.bench --preset nano --device cpu
-    python -m model.bench --preset tiny --device cuda --batch 1
-    python -m model.bench --preset nano --device cpu --compare
+    python -m model.tools.bench --preset nano --device cpu
+    python -m model.tools.bench --preset tiny --device cuda --batch 1
+    python -m model.tools.bench --preset nano --device cpu --compare
 
 Prints a markdown table: train samples/s, peak memory, the step broken down into its stages,
 and multi-scale deformable attention (spatial cross-attention shapes of the preset) timed for
 every implementation that can run on the device.
 
-``--compare`` instead times each speed switch of ``model.precision`` (channels_last, fused
+``--compare`` instead times each speed switch of ``model.training.precision`` (channels_last, fused
 AdamW, bf16 autocast, keeping freed memory, all together; on CUDA also the attention
 implementations) against the plain float32 step, the step of the loop before these switches
 (the loop's own step in every arm). Keeping
@@ -17,12 +17,12 @@ thresholds). The arms are interleaved in one process: every repeat runs a block 
 ``--steps`` steps of each arm, in an order that rotates between repeats, on the same inputs
 from the same initial weights, after ``--warmup`` untimed steps per arm. Load from other
 processes then slows every arm alike; the ratio printed is the median over repeats of the
-paired per-repeat ratios. It ends with the floor under the step (``model.roofline``): the
+paired per-repeat ratios. It ends with the floor under the step (``model.tools.roofline``): the
 step's counted operations at the best convolution rate measured here, and the largest speed-up
 over the first arm that any switch keeping those operations could reach on this machine; then
 an evaluation pass with the history pass against ``forward.EvalForward``'s reuse of it.
 
-The step is the training loop's own (``model.loop.train_step``) on a pretraining phase with
+The step is the training loop's own (``model.training.loop.train_step``) on a pretraining phase with
 the reprojection objective: the previous keyframe's BEV under inference mode (the history, as
 the official BEVFormer computes it), forward, loss, backward, the NaN/inf guard, clipping and
 an AdamW step. The stage rows come from forward hooks on the backbone, the encoder and the
@@ -44,15 +44,17 @@ from pathlib import Path
 
 import torch
 
-from model.bevformer import BEVFormerSeg
 from model.config import PretrainConfig, RuntimeConfig
-from model.deform_attn import multi_scale_deformable_attn, resolve_impl
-from model.encoder import project_pillars
-from model.forward import EvalForward, eval_mode, forward, history_pass
+from model.evaluation.forward import EvalForward, eval_mode, forward, history_pass
 from model.geometry import BevGrid
-from model.loop import Phase, train_step
-from model.op_profile import breakdown_table, op_breakdown
-from model.precision import (
+from model.network.bevformer import BEVFormerSeg
+from model.network.deform_attn import multi_scale_deformable_attn, resolve_impl
+from model.network.encoder import project_pillars
+from model.presets import PRESETS, ModelConfig, get_preset
+from model.tools.op_profile import breakdown_table, op_breakdown
+from model.tools.roofline import Roofline, conv_peak, count_flops
+from model.training.loop import Phase, train_step
+from model.training.precision import (
     autocast,
     bf16_autocast_active,
     fused_adamw_supported,
@@ -60,8 +62,6 @@ from model.precision import (
     make_adamw,
     to_channels_last,
 )
-from model.presets import PRESETS, ModelConfig, get_preset
-from model.roofline import Roofline, conv_peak, count_flops
 
 # nuScenes-like camera yaws (CAMERAS order) and a focal length of 0.79 image widths
 # (1266 px at 1600 px wide).
@@ -149,7 +149,7 @@ def bench_phase(net: BEVFormerSeg, grid: BevGrid, device, bf16: bool) -> Phase:
 
 
 def step(phase: Phase, opt: torch.optim.Optimizer, batch: dict, amp) -> None:
-    """One step of the training loop itself (``model.loop.train_step``)."""
+    """One step of the training loop itself (``model.training.loop.train_step``)."""
     train_step(phase, batch, opt, amp, "bench")
 
 
@@ -261,7 +261,8 @@ class Arm:
     channels_last: bool = False
     fused_adamw: bool = False
     bf16: bool = False
-    keep_memory: bool = False  # model.precision.keep_freed_memory (process-wide, set per block)
+    # model.training.precision.keep_freed_memory (process-wide, set per block)
+    keep_memory: bool = False
     attention_impl: str | None = None  # None: the preset's
 
 
@@ -382,14 +383,14 @@ def compare(args, cfg: ModelConfig, grid: BevGrid, device: torch.device) -> None
     )
     fused_note = "fused" if fused_adamw_supported(device) else "no fused kernel: foreach"
     print(
-        f"## model.bench --compare: preset `{cfg.name}` on {dev_name} "
+        f"## model.tools.bench --compare: preset `{cfg.name}` on {dev_name} "
         f"({torch.get_num_threads()} CPU threads, torch {torch.__version__})\n"
     )
     print(
         f"batch {args.batch} x 6 cameras at {cfg.image_size[0]}x{cfg.image_size[1]}, "
         f"{args.repeats} interleaved repeats of {args.steps} step(s) per arm after "
         f"{args.warmup} warm-up step(s); {bf16_note}; AdamW {fused_note}; "
-        "the loop's step (model.loop.train_step), reprojection objective\n"
+        "the loop's step (model.training.loop.train_step), reprojection objective\n"
     )
     print_comparison(states, comparisons, device)
     off, everything = next((off, on) for label, off, on in comparisons if label == "all together")
@@ -515,7 +516,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m model.bench", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m model.tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--preset", default="nano", choices=sorted(PRESETS), help="model preset (default nano)"
     )
@@ -642,12 +643,12 @@ def table(args, cfg: ModelConfig, grid: BevGrid, device: torch.device, resolutio
     switches = ["bf16 autocast" if bf16 else "float32"]
     switches += ["channels_last backbone"] if args.channels_last else []
     switches += ["fused AdamW"] if args.fused_adamw else []
-    print(f"## model.bench: preset `{cfg.name}` on {dev_name} ({threads} CPU threads)\n")
+    print(f"## model.tools.bench: preset `{cfg.name}` on {dev_name} ({threads} CPU threads)\n")
     print(
         f"batch {args.batch} x 6 cameras at {cfg.image_size[0]}x{cfg.image_size[1]}, "
         f"BEV queries {cfg.bev_h}x{cfg.bev_w}, label grid {grid.height}x{grid.width} "
         f"({resolution} m), {cfg.num_layers} encoder layer(s), attention `{impl_used}`, "
-        f"{', '.join(switches)}; the loop's step (model.loop.train_step), reprojection\n"
+        f"{', '.join(switches)}; the loop's step (model.training.loop.train_step), reprojection\n"
     )
     print("| metric | value |\n|---|---|")
     print(f"| train step (ms) | {1e3 * step_s:.1f} |")
