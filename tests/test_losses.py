@@ -176,7 +176,7 @@ def test_reprojection_bce_loss_rewards_any_channel_of_a_group():
 def test_reprojection_loss_gradients_reach_the_bev_queries_and_the_backbone():
     from model.network.bevformer import BEVFormerSeg
     from model.presets import get_preset
-    from model.tools.bench import synthetic_rig
+    from model.tools.bench_step import synthetic_rig
 
     torch.manual_seed(0)
     cfg = get_preset("nano", image_size=(64, 96))

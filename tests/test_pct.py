@@ -30,7 +30,7 @@ def _net() -> BEVFormerSeg:
 
 
 def _batch(batch: int = 2) -> dict:
-    from model.tools.bench import synthetic_rig
+    from model.tools.bench_step import synthetic_rig
 
     gen = torch.Generator().manual_seed(1)
     h, w = NANO.image_size

@@ -38,7 +38,7 @@ from model.geometry import BevGrid
 from model.network.backbone import ResNetFPN
 from model.network.bevformer import BEVFormerSeg
 from model.presets import ModelConfig, get_preset
-from model.tools.bench import synthetic_rig
+from model.tools.bench_step import synthetic_rig
 from model.training import precision
 from model.training.checkpoint import load_checkpoint
 from model.training.loop import Phase, run_phase
@@ -314,7 +314,7 @@ def test_bench_refuses_cuda_without_cuda(capsys):
 
 
 def test_bench_compares_each_switch_with_float32_and_fast_attention_with_all_switches_on():
-    from model.tools.bench import compare_arms
+    from model.tools.bench_compare import compare_arms
 
     arms, comparisons = compare_arms(["triton"])
     off, everything = comparisons[0][1], comparisons[4][2]
