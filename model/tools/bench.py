@@ -44,7 +44,14 @@ from model.network.deform_attn import multi_scale_deformable_attn, resolve_impl
 from model.network.encoder import project_pillars
 from model.presets import PRESETS, ModelConfig, get_preset
 from model.tools.bench_compare import compare
-from model.tools.bench_step import Timer, bench_phase, make_batch, peak_memory_mb, step
+from model.tools.bench_step import (
+    Timer,
+    bench_phase,
+    fast_attention_impls,
+    make_batch,
+    peak_memory_mb,
+    step,
+)
 from model.training.precision import (
     autocast,
     bf16_autocast_active,
@@ -109,13 +116,7 @@ def bench_deform_attn(
     loc = torch.rand(n, queries, heads, cfg.num_levels, cfg.num_points, 2, generator=gen)
     attn = torch.rand(n, queries, heads, cfg.num_levels, cfg.num_points, generator=gen)
     loc, attn = loc.to(device), attn.softmax(-1).to(device)
-    impls = ["pytorch"]
-    for fast in ("triton", "mmcv"):
-        try:
-            resolve_impl(fast, device)
-        except RuntimeError:
-            continue
-        impls.append(fast)
+    impls = ["pytorch", *fast_attention_impls(device)]
     timer = Timer(device)
     rows = []
     for impl in impls:

@@ -15,9 +15,15 @@ import torch
 from model.evaluation.forward import EvalForward, eval_mode, forward, history_pass
 from model.geometry import BevGrid
 from model.network.bevformer import BEVFormerSeg
-from model.network.deform_attn import resolve_impl
 from model.presets import ModelConfig
-from model.tools.bench_step import Timer, bench_phase, make_batch, peak_memory_mb, step
+from model.tools.bench_step import (
+    Timer,
+    bench_phase,
+    fast_attention_impls,
+    make_batch,
+    peak_memory_mb,
+    step,
+)
 from model.tools.op_profile import breakdown_table, op_breakdown
 from model.tools.roofline import Roofline, conv_peak, count_flops
 from model.training.loop import Phase
@@ -140,14 +146,7 @@ def print_comparison(states: dict[Arm, ArmState], comparisons: list, device: tor
 
 
 def compare(args, cfg: ModelConfig, grid: BevGrid, device: torch.device) -> None:
-    impls = []
-    if device.type == "cuda":
-        for fast in ("triton", "mmcv"):
-            try:
-                resolve_impl(fast, device)
-            except RuntimeError:
-                continue
-            impls.append(fast)
+    impls = fast_attention_impls(device) if device.type == "cuda" else []
     arms, comparisons = compare_arms(impls)
     states = {arm: build_arm(arm, cfg, grid, args.num_classes, device) for arm in arms}
     batch = make_batch(cfg, grid, args.batch, args.num_classes, device)

@@ -15,6 +15,7 @@ import torch
 from model.config import PretrainConfig, RuntimeConfig
 from model.geometry import BevGrid
 from model.network.bevformer import BEVFormerSeg
+from model.network.deform_attn import resolve_impl
 from model.presets import ModelConfig
 from model.training.loop import Phase, train_step
 
@@ -117,3 +118,16 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def fast_attention_impls(device: torch.device) -> list[str]:
+    """The fast deformable attention implementations that run on ``device`` (our Triton
+    kernels, mmcv's op), in that order."""
+    impls = []
+    for fast in ("triton", "mmcv"):
+        try:
+            resolve_impl(fast, device)
+        except RuntimeError:
+            continue
+        impls.append(fast)
+    return impls
