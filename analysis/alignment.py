@@ -1,5 +1,5 @@
 """Target alignment in the report: what each pretraining's supervision could reach, and what
-its head learnt (the ``align/*`` metrics of the pretraining runs, model.diagnostics).
+its head learnt (the ``align/*`` metrics of the pretraining runs, model.evaluation.diagnostics).
 
 One row per statistic, mean and range over the study's pretraining runs (one per seed and
 pretraining configuration). Read together: the ceiling bounds what a head trained only on the

@@ -21,7 +21,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
-from analysis.stats import CONFIDENCE, LabelSavings, pareto_front, summarise, t_interval
+from analysis.savings import LabelSavings
+from analysis.stats import CONFIDENCE, pareto_front, summarise, t_interval
 from model import arms
 
 OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
@@ -211,8 +212,8 @@ def plot_miou_vs_time(
     """Validation mIoU against cumulative training time, one row per time accounting (the
     pretraining counted in full, or only the trial's share of it) and one column per label
     fraction; per configuration the mean over seeds at every epoch with a t-band. With a
-    `time_to_target` table (`analysis.stats.time_to_target`), a dotted line at its target and a
-    star where each mean curve first reaches it."""
+    `time_to_target` table (`analysis.target_time.time_to_target`), a dotted line at its target
+    and a star where each mean curve first reaches it."""
     fractions = sorted(epochs["label_fraction"].unique())
     targets_given = time_to_target is not None and not time_to_target.empty
     targets, target, marked = {}, math.nan, False

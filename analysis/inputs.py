@@ -81,31 +81,53 @@ probability_arg = _fraction(upper_inclusive=False)  # a level, a power: 0 < x < 
 fraction_arg = _fraction(upper_inclusive=True)  # an mIoU, a difference of mIoUs: 0 < x <= 1
 
 
-def check_store(uri: str) -> None:
+def check_store(uri: str, timeout_s: float = 10.0) -> None:
     """Refuse, with an AnalysisError, what MLflow would meet with a traceback or minutes of
     retries: a file that is not an MLflow SQLite store (MLflow would also write its tables into
-    an empty one) and an http(s) server that does not answer."""
+    an empty one), an http(s) server that does not answer within `timeout_s`, and a URI of a
+    scheme MLflow does not know. The analysis CLIs call it before they read a store, the sweep
+    (`harness.preflight`) before it writes one."""
     path = sqlite_path(uri)
-    if path is not None and path.is_file():
-        try:
-            with contextlib.closing(
-                sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-            ) as db:
-                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
-        except sqlite3.DatabaseError as exc:
-            raise AnalysisError(
-                f"cannot read MLflow store {uri}: {path} is not a SQLite database ({exc})"
-            ) from None
-        if "experiments" not in tables:
-            raise AnalysisError(f"cannot read MLflow store {uri}: {path} has no MLflow tables")
+    if path is not None:
+        if path.is_file():
+            try:
+                with contextlib.closing(
+                    sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+                ) as db:
+                    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            except sqlite3.DatabaseError as exc:
+                raise AnalysisError(
+                    f"cannot read MLflow store {uri}: {path} is not a SQLite database ({exc})"
+                ) from None
+            if "experiments" not in tables:
+                raise AnalysisError(
+                    f"cannot read MLflow store {uri}: {path} is a SQLite database without MLflow "
+                    "tables"
+                )
+        return
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
         try:
             address = (parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
-            socket.create_connection(address, timeout=10).close()
+            socket.create_connection(address, timeout=timeout_s).close()
         except (OSError, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise AnalysisError(f"cannot reach MLflow server {uri}: {reason}") from None
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri)
+    except MlflowException:
+        raise AnalysisError(_unsupported_uri(uri)) from None
+
+
+def _unsupported_uri(uri: str | None) -> str:
+    return (
+        f"unsupported MLflow tracking URI {uri!r}: use sqlite:///PATH, a directory, "
+        "http(s)://HOST:PORT or a database URL"
+    )
 
 
 def input_errors() -> tuple[type[Exception], ...]:
@@ -124,10 +146,7 @@ def one_line_error(exc: Exception, uri: str | None = None) -> int:
     if isinstance(exc, AnalysisError):
         message = str(exc)
     elif isinstance(exc, UnsupportedModelRegistryStoreURIException):
-        message = (
-            f"unsupported MLflow tracking URI {uri!r}: use sqlite:///PATH, a directory, "
-            "http(s)://HOST:PORT or a database URL"
-        )
+        message = _unsupported_uri(uri)
     elif isinstance(exc, MlflowException):
         message = f"MLflow store {uri}: {exc.message}"
     else:  # the database behind a SQL store

@@ -94,20 +94,38 @@ class Study:
         return {str(k): int(v) for k, v in self.trials["status"].value_counts().items() if v}
 
 
-def resolve_tracking_uri(cli_uri: str | None, experiment: str) -> str:
-    """Tracking URI precedence: the CLI flag, then $MLFLOW_TRACKING_URI, then the study's store.
+def resolve_tracking_uri(
+    cli_uri: str | None,
+    experiment: str | None = None,
+    *,
+    spec: str | None = None,
+    default: str | None = None,
+) -> str:
+    """Tracking URI precedence: the CLI flag, then $MLFLOW_TRACKING_URI (empty counts as
+    unset), then a study spec's ``mlflow.tracking_uri`` (``spec``), then ``default``, then the
+    study's own store.
 
-    Same order as `harness.tracking.resolve_tracking_uri` (not imported: analysis never imports
-    the harness). The default is the local SQLite store a sweep writes,
-    `studies/<experiment>/mlflow.db` relative to the working directory (the experiment name is
-    the study name by default).
+    The analysis CLIs pass the flag and the experiment: their default is the local SQLite store
+    a sweep writes, `studies/<experiment>/mlflow.db` relative to the working directory (the
+    experiment name is the study name by default). The sweep (`harness.preflight`) passes the
+    flag, the spec's URI and its study folder's store as ``default``. ValueError when nothing
+    names a store.
     """
-    if cli_uri:
-        return cli_uri
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if env_uri:
-        return env_uri
-    return DEFAULT_STORE_TEMPLATE.format(experiment=experiment)
+    study_store = (
+        None if experiment is None else DEFAULT_STORE_TEMPLATE.format(experiment=experiment)
+    )
+    candidates = (
+        ("command line", cli_uri),
+        ("$MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")),
+        ("spec", spec),
+        ("default", default),
+        ("the study's store", study_store),
+    )
+    for source, uri in candidates:
+        if uri:
+            log.debug("MLflow tracking URI %s (from %s)", uri, source)
+            return uri
+    raise ValueError("no MLflow tracking URI: pass one, set $MLFLOW_TRACKING_URI or a default")
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -1,34 +1,29 @@
 """Statistics over seeds: t-intervals per (configuration, label fraction), paired verdicts
-against a reference cell with the power of the paired test, label savings with a seed bootstrap,
-time-to-target on the mean curves, and the time-vs-mIoU Pareto front.
+against a reference cell with the power of the paired test, and the time-vs-mIoU Pareto front.
+Label savings (`analysis.savings`) and time-to-target (`analysis.target_time`) build on them.
 
 The table builders take `analysis.load`'s one-row-per-trial frame (`variant`, `method`,
-`label_fraction`, `seed`, `val_mIoU`, `cum_*_s*`) or, for time-to-target, its per-epoch frame;
-the statistics under them are plain functions of arrays (formulas: docs/analysis.md).
+`label_fraction`, `seed`, `val_mIoU`, `cum_*_s*`); the statistics under them are plain
+functions of arrays (formulas: docs/analysis.md).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 from scipy.optimize import brentq
 
-from analysis.load import TIME_ACCOUNTING, TIME_COLUMNS
+from analysis.load import TIME_COLUMNS
 from model import arms
 
 CONFIDENCE = 0.95
 POWER = 0.8
 REFERENCE_FRACTION = 1.0
-# Time accountings of time-to-target, in report order, with their labels.
-TARGET_ACCOUNTINGS = {"incl_pretrain": "incl. full pretraining",
-                      "amortised": "incl. amortised pretraining",
-                      "own": "fine-tuning only"}  # fmt: skip
-# Two means closer than this count as equal (">=" in the label-savings definition).
-_TIE_TOLERANCE = 1e-9
+# Two means closer than this count as equal (">=" in label savings and time-to-target).
+TIE_TOLERANCE = 1e-9
 
 
 def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
@@ -86,146 +81,6 @@ def reference_variant(trials: pd.DataFrame) -> str | None:
         return None
     variants = sorted(supervised["variant"].unique())
     return reference if reference in variants else variants[0]
-
-
-@dataclass
-class LabelSavings:
-    """Smallest label fraction at which `variant`'s mean mIoU over seeds reaches the supervised
-    100% mean, with a percentile bootstrap interval over seeds and the time ratio there.
-
-    `fraction` (and either CI bound) is None when the level is not reached at any tested
-    fraction. `time_ratio_*` = pretrained mean final time at `fraction` (incl. all of its
-    pretraining, or its amortised share) / supervised 100% mean final time.
-    """
-
-    variant: str
-    reference_variant: str
-    reference_mIoU: float
-    fraction: float | None
-    ci_low: float | None
-    ci_high: float | None
-    mIoU_at_fraction: float | None
-    time_ratio_incl_pretrain: float | None
-    time_ratio_amortised: float | None
-    reached_share: float  # share of bootstrap replicates in which the level is reached at all
-    n_seeds: int
-    n_boot: int
-    confidence: float
-    seed: int
-    clock: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def _seed_matrix(cells: list[pd.DataFrame], seeds: list, metric: str) -> np.ndarray:
-    matrix = np.full((len(cells), len(seeds)), np.nan)
-    index = {s: i for i, s in enumerate(seeds)}
-    for row, cell in enumerate(cells):
-        for seed, value in cell.groupby("seed")[metric].mean().items():
-            matrix[row, index[seed]] = value
-    return matrix
-
-
-def _first_reaching(means: np.ndarray, fractions: np.ndarray) -> np.ndarray:
-    """means: (replicates, 1 + n_fractions), column 0 the reference. -> smallest fraction per
-    replicate whose mean reaches the reference (inf where none does)."""
-    reached = means[:, 1:] >= means[:, :1] - _TIE_TOLERANCE  # NaN compares False
-    first = np.argmax(reached, axis=1)
-    return np.where(reached.any(axis=1), fractions[first], np.inf)
-
-
-def label_savings(
-    trials: pd.DataFrame,
-    variant: str | None = None,
-    metric: str = "val_mIoU",
-    confidence: float = CONFIDENCE,
-    n_boot: int = 2000,
-    seed: int = 0,
-    clock: str = "wall",
-) -> LabelSavings | None:
-    """Label savings of `variant` against the supervised 100% reference; None when either side
-    has no trials.
-
-    Bootstrap: the resampling unit is the seed, one replicate of the whole study (its nested
-    label subsets, its pretraining, its initialisation). Each of `n_boot` replicates draws as many
-    seeds as there are, with replacement, from a generator seeded with `seed`; the same draw
-    weights every (configuration, fraction) cell, keeping the pairing between the supervised
-    reference and the pretrained cells that share a seed. A cell's replicate mean weights its
-    trials by how often their seed was drawn. The interval is the percentile interval of the
-    replicates' savings fraction (inverted-CDF quantiles, so bounds are tested fractions);
-    a bound is None where the replicates there never reach the reference.
-    """
-    ref_variant = reference_variant(trials)
-    if variant is None:  # the first arm under test (model.arms) that the study ran
-        variant = next((m for m in arms.methods_under_test() if (trials.method == m).any()), "")
-    mine = trials[trials["variant"] == variant]
-    if ref_variant is None or mine.empty:
-        return None
-    reference = trials[
-        (trials["variant"] == ref_variant)
-        & np.isclose(trials["label_fraction"], REFERENCE_FRACTION)
-    ]
-    fractions = np.array(sorted(mine["label_fraction"].unique()), dtype=float)
-    cells = [reference] + [mine[np.isclose(mine["label_fraction"], f)] for f in fractions]
-    seeds = sorted(pd.concat(cells)["seed"].dropna().unique())
-    matrix = _seed_matrix(cells, seeds, metric)
-    present = ~np.isnan(matrix)
-    values = np.nan_to_num(matrix)
-
-    def means(weights: np.ndarray) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (weights @ values.T) / (weights @ present.T)
-
-    point = _first_reaching(means(np.ones((1, len(seeds)))), fractions)[0]
-
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
-    weights = np.zeros((n_boot, len(seeds)))
-    np.add.at(weights, (np.arange(n_boot)[:, None], draws), 1.0)
-    replicates = _first_reaching(means(weights), fractions)
-    alpha = 1 - confidence
-    low, high = np.quantile(replicates, [alpha / 2, 1 - alpha / 2], method="inverted_cdf")
-
-    def finite(x: float) -> float | None:
-        return None if not np.isfinite(x) else float(x)
-
-    ref_mean = float(reference[metric].mean())
-    result = LabelSavings(
-        variant=variant,
-        reference_variant=ref_variant,
-        reference_mIoU=ref_mean,
-        fraction=finite(point),
-        ci_low=finite(low),
-        ci_high=finite(high),
-        mIoU_at_fraction=None,
-        time_ratio_incl_pretrain=None,
-        time_ratio_amortised=None,
-        reached_share=float(np.isfinite(replicates).mean()),
-        n_seeds=len(seeds),
-        n_boot=n_boot,
-        confidence=confidence,
-        seed=seed,
-        clock=clock,
-    )
-    if result.fraction is not None:
-        at = mine[np.isclose(mine["label_fraction"], result.fraction)]
-        result.mIoU_at_fraction = float(at[metric].mean())
-        ref_time = reference[f"cum_{clock}_s"].mean()
-        for accounting in ("incl_pretrain", "amortised"):
-            ratio = at[f"cum_{clock}_s_{accounting}"].mean() / ref_time if ref_time else math.nan
-            setattr(result, f"time_ratio_{accounting}", None if np.isnan(ratio) else float(ratio))
-    return result
-
-
-def label_savings_table(trials: pd.DataFrame, **kwargs) -> pd.DataFrame:
-    """`label_savings` for every variant of an arm under test (model.arms), one row each."""
-    rows, tested = [], trials.method.isin(arms.methods_under_test())
-    for variant in sorted(trials.loc[tested, "variant"].unique()):
-        result = label_savings(trials, variant=variant, **kwargs)
-        if result is not None:
-            rows.append(result.as_dict())
-    return pd.DataFrame(rows)
 
 
 def pareto_front(
@@ -337,7 +192,7 @@ def min_detectable_effect(
     return float(standardised * sd)
 
 
-def _cell(trials: pd.DataFrame, cell: Cell) -> pd.DataFrame:
+def cell_trials(trials: pd.DataFrame, cell: Cell) -> pd.DataFrame:
     variant, fraction = cell
     return trials[(trials["variant"] == variant) & np.isclose(trials["label_fraction"], fraction)]
 
@@ -347,8 +202,8 @@ def paired_differences(
 ) -> pd.Series:
     """Per seed: `metric` of `cell` minus `metric` of `reference` (same seed: same label subset,
     same initialisation), on the seeds both have; indexed by seed, sorted."""
-    mine = _cell(trials, cell).groupby("seed")[metric].mean()
-    theirs = _cell(trials, reference).groupby("seed")[metric].mean()
+    mine = cell_trials(trials, cell).groupby("seed")[metric].mean()
+    theirs = cell_trials(trials, reference).groupby("seed")[metric].mean()
     both = mine.index.intersection(theirs.index).sort_values()
     return (mine[both] - theirs[both]).rename(f"{metric}_diff")
 
@@ -373,7 +228,7 @@ def paired_verdicts(
     alpha = 1 - confidence. Empty when the reference cell has no trials."""
     reference = reference or default_reference(trials)
     rows = []
-    if not _cell(trials, reference).empty:
+    if not cell_trials(trials, reference).empty:
         cells = trials.groupby(["method", "variant", "label_fraction"], observed=True).size()
         for method, variant, fraction in cells.index:
             if variant == reference[0] and np.isclose(fraction, reference[1]):
@@ -403,116 +258,3 @@ def paired_verdicts(
                 }
             )
     return pd.DataFrame(rows)
-
-
-# Time-to-target: when does an arm's mean curve first reach a target mIoU?
-
-
-def crossing_times(times, values, target: float) -> np.ndarray:
-    """Rows of `times` and `values` (curves x epochs, epochs in order) -> the time each curve
-    first reaches `target`: the epoch's time if the first epoch at or above it is the first
-    epoch, else linearly interpolated between that epoch and the one before; NaN where the curve
-    never reaches it."""
-    times, values = np.atleast_2d(times).astype(float), np.atleast_2d(values).astype(float)
-    reached = values >= target - _TIE_TOLERANCE  # NaN compares False
-    first = reached.argmax(axis=1)
-    before = np.maximum(first - 1, 0)
-    rows = np.arange(len(values))
-    v0, v1 = values[rows, before], values[rows, first]
-    t0, t1 = times[rows, before], times[rows, first]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.where(first > 0, np.clip((target - v0) / (v1 - v0), 0.0, 1.0), 1.0)
-    return np.where(reached.any(axis=1), t0 + share * (t1 - t0), np.nan)
-
-
-def crossing_time(times, values, target: float) -> float:
-    """`crossing_times` of one curve."""
-    return float(crossing_times(np.asarray(times)[None], np.asarray(values)[None], target)[0])
-
-
-def _seed_curves(arm: pd.DataFrame, time_column: str, metric: str) -> tuple[np.ndarray, ...]:
-    """(seeds x epochs) matrices of time and metric on the epochs every seed of the arm logged."""
-    grid = arm.pivot_table(
-        index="seed", columns="epoch", values=[time_column, metric], dropna=False
-    )
-    times, values = grid[time_column], grid[metric].reindex(columns=grid[time_column].columns)
-    complete = times.notna().all() & values.notna().all()
-    return times.loc[:, complete].to_numpy(float), values.loc[:, complete].to_numpy(float)
-
-
-def final_mean(epochs: pd.DataFrame, cell: Cell, metric: str = "val_mIoU") -> float:
-    """Mean over seeds of `cell`'s last-epoch `metric` (NaN when the cell has no trials)."""
-    last = _cell(epochs, cell).sort_values("epoch").groupby("trial_id", observed=True).tail(1)
-    return float(last.groupby("seed")[metric].mean().mean()) if not last.empty else math.nan
-
-
-def time_to_target(
-    epochs: pd.DataFrame,
-    target: float | None = None,
-    reference: Cell | None = None,
-    clock: str = "wall",
-    metric: str = "val_mIoU",
-    confidence: float = CONFIDENCE,
-    n_boot: int = 2000,
-    seed: int = 0,
-    accountings: tuple[str, ...] = tuple(TARGET_ACCOUNTINGS),
-) -> pd.DataFrame:
-    """Per arm (variant, label fraction) and time accounting: the time at which the mean curve
-    over seeds (mean metric per epoch against mean cumulative time per epoch) first reaches
-    `target` (default: the final mean of `reference`, itself by default supervised at 100%),
-    see `crossing_times`; `reached` False and NaN times when it never does.
-
-    Bootstrap over seeds: each replicate draws the arm's seeds with replacement (generator
-    seeded with `seed`, the same draws for every accounting) and recomputes the mean curve and
-    its crossing. `never_share` is the share of replicates that never reach the target; they
-    count as infinitely late, so a bound that falls among them is NaN ("not reached").
-    `ratio` = the arm's time / the reference's own time-to-target on the same accounting.
-    """
-    reference = reference or default_reference(epochs)
-    if target is None:
-        target = final_mean(epochs, reference, metric)
-    if math.isnan(target):
-        return pd.DataFrame()
-    rows = []
-    alpha = 1 - confidence
-    arms = epochs.groupby(["method", "variant", "label_fraction"], observed=True)
-    for (method, variant, fraction), arm in arms:
-        for accounting in accountings:
-            column = f"cum_{clock}_s{TIME_ACCOUNTING[accounting]}"
-            times, values = _seed_curves(arm, column, metric)
-            if values.size == 0:  # no epoch that every seed logged on this clock
-                continue
-            n_seeds = len(values)
-            point = crossing_time(times.mean(axis=0), values.mean(axis=0), target)
-            draws = np.random.default_rng(seed).integers(0, n_seeds, size=(n_boot, n_seeds))
-            replicates = crossing_times(
-                times[draws].mean(axis=1), values[draws].mean(axis=1), target
-            )
-            late = np.where(np.isnan(replicates), np.inf, replicates)
-            low, high = np.quantile(late, [alpha / 2, 1 - alpha / 2], method="inverted_cdf")
-            rows.append(
-                {
-                    "variant": variant,
-                    "method": method,
-                    "label_fraction": fraction,
-                    "accounting": accounting,
-                    "time_column": column,
-                    "target": target,
-                    "n_seeds": n_seeds,
-                    "reached": not math.isnan(point),
-                    "time_s": point,
-                    "ci_low_s": low if np.isfinite(low) else math.nan,
-                    "ci_high_s": high if np.isfinite(high) else math.nan,
-                    "never_share": float(np.isnan(replicates).mean()),
-                }
-            )
-    table = pd.DataFrame(rows)
-    if table.empty:
-        return table
-    is_reference = (table["variant"] == reference[0]) & np.isclose(
-        table["label_fraction"], reference[1]
-    )
-    own = table[is_reference].set_index("accounting")["time_s"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        table["ratio"] = table["time_s"] / table["accounting"].map(own).replace(0.0, np.nan)
-    return table

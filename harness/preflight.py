@@ -9,22 +9,15 @@ a store that is not an MLflow store, a tracking server or Ray cluster that does 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from harness.driver import STATE_FILE, load_state
 from harness.spec import Spec, SpecError
-from harness.tracking import (
-    check_artifact_location,
-    resolve_ray_address,
-    resolve_tracking_uri,
-    sqlite_uri,
-)
+from harness.tracking import check_artifact_location, resolve_ray_address, sqlite_uri
 from harness.trials import needs_pseudo_labels
 
 CONNECT_TIMEOUT_S = 3.0
@@ -44,6 +37,9 @@ class SweepPlan:
 
 def plan_sweep(spec: Spec, spec_path: Path, resume: bool, uri_flag: str | None,
                address_flag: str | None) -> SweepPlan:  # fmt: skip
+    from analysis.inputs import check_store  # analysis imports pandas and scipy: only here
+    from analysis.load import AnalysisError, resolve_tracking_uri
+
     storage = spec.storage_dir()
     if spec.data.dataroot:
         check_dir(Path(spec.data.dataroot).expanduser(), f"{spec_path}: data.dataroot")
@@ -59,9 +55,12 @@ def plan_sweep(spec: Spec, spec_path: Path, resume: bool, uri_flag: str | None,
     previous = state if resume else None
     # A resumed sweep goes on writing where it started, unless told otherwise.
     default_uri = previous["tracking_uri"] if previous else sqlite_uri(storage / "mlflow.db")
-    uri = resolve_tracking_uri(uri_flag, spec.mlflow.tracking_uri, default_uri)
+    uri = resolve_tracking_uri(uri_flag, spec=spec.mlflow.tracking_uri, default=default_uri)
     where = "--tracking-uri" if uri_flag else f"{spec_path}: mlflow.tracking_uri"
-    check_store(uri, where)
+    try:
+        check_store(uri, CONNECT_TIMEOUT_S)
+    except AnalysisError as exc:
+        raise SpecError(f"{where}: {exc}") from None
     check_artifact_location(uri, spec.experiment, storage)
     address = resolve_ray_address(address_flag, spec.ray.address)
     if address_flag:
@@ -117,39 +116,6 @@ def check_dir(path: Path, where: str, create: bool = False) -> None:
             return
         if not create:
             raise SpecError(f"{where}: directory {path} does not exist")
-
-
-def check_store(uri: str, where: str) -> None:
-    """The MLflow store at `uri` can be used: an existing SQLite file is an MLflow store, a
-    server answers, the scheme is one MLflow knows."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-        if path is not None and path.is_file():
-            try:
-                with contextlib.closing(
-                    sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-                ) as db:
-                    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
-            except sqlite3.DatabaseError as exc:
-                raise SpecError(f"{where}: {path} is not a SQLite database ({exc})") from None
-            if "experiments" not in tables:
-                raise SpecError(f"{where}: {path} is a SQLite database without MLflow tables")
-        return
-    if parsed.scheme in ("http", "https"):
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        _connect(parsed.hostname or "", port, f"{where}: cannot reach MLflow server {uri}")
-        return
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(tracking_uri=uri)
-    except MlflowException:
-        raise SpecError(
-            f"{where}: unsupported MLflow tracking URI {uri!r}: use sqlite:///PATH, "
-            "http(s)://HOST:PORT or a database URL"
-        ) from None
 
 
 def check_address(address: str | None, where: str) -> None:

@@ -47,7 +47,7 @@ def ensure_pretraining(
     the cache lock and reuse it. A WSD pretraining is its trunk's state at its decay start
     (`ensure_trunk`) plus its own decay branch, cached under its own key all the same.
     """
-    from model import train as core
+    from model.training import train as core
 
     key = resolved.pretrain_key(context.dataset_fingerprint)
     seed = resolved.trial.seed
@@ -127,12 +127,12 @@ def ensure_pretraining(
 def log_alignment(
     tracker: Tracker, run_id: str, resolved: ResolvedTrial, context: SweepContext, checkpoint
 ) -> None:
-    """The pretraining's target alignment on val (``align/*``, model.diagnostics), logged at
-    its last epoch; skipped with ``runtime.alignment: false``."""
+    """The pretraining's target alignment on val (``align/*``, model.evaluation.diagnostics),
+    logged at its last epoch; skipped with ``runtime.alignment: false``."""
     runtime = core_runtime(resolved)
     if not runtime.alignment:
         return
-    from model.diagnostics import checkpoint_alignment
+    from model.evaluation.diagnostics import checkpoint_alignment
 
     metrics = checkpoint_alignment(
         core_data(resolved, context), checkpoint, resolved.pretrain, runtime

@@ -12,19 +12,20 @@ command line (nothing was started), 130 interrupted (resume with --resume).
 Everything about where results go is decided here, once: the study folder (`storage_path`,
 default `studies/<study>`) holds Ray Tune's experiment state, the synthetic dataset, the
 pretraining cache and, by default, the MLflow SQLite store. docs/harness.md has the details.
+What the sweep sets up before its trials is `harness.sweep_setup`'s; the dry run's table
+`harness.dry_run`'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-from harness import cache, console
-from harness.context import SweepContext, label_cache_dir
+from harness import console
+from harness.context import SweepContext
 from harness.driver import (
     STATE_FILE,
     SweepCallback,
@@ -38,37 +39,23 @@ from harness.driver import (
     trial_slots,
     update_state,
 )
+from harness.dry_run import plan_text
 from harness.lock import StudyLocked, study_lock
-from harness.preflight import (
-    SweepPlan,
-    missing_pseudo_labels,
-    plan_sweep,
-    refuse_interrupted,
-)
+from harness.preflight import SweepPlan, plan_sweep, refuse_interrupted
 from harness.restore import can_restore, failures_for_lack_of_space
-from harness.spec import Spec, SpecError, load_spec, stable_hash
-from harness.tracking import (
-    Tracker,
-    environment_info,
-    flatten,
-    git_commit,
-    local_artifact_location,
-    source_tags,
+from harness.spec import Spec, SpecError, load_spec
+from harness.sweep_setup import (
+    prepare_data,
+    prepare_index,
+    prepare_pseudo_labels,
+    start_ray,
+    start_sweep_run,
 )
+from harness.tracking import Tracker, local_artifact_location, source_tags
 from harness.trial import run_trial
-from harness.trials import (
-    ResolvedTrial,
-    Trial,
-    expand_trials,
-    pretrain_plan,
-    pretrain_shares,
-    pseudo_label_specs,
-    short_value,
-    wsd_trunks,
-)
-from model import arms, names
+from harness.trials import Trial, expand_trials, pretrain_shares, wsd_trunks
+from model import names
 from model.cli import OneLineParser
-from model.names import ROLE
 
 log = logging.getLogger("harness.sweep")
 
@@ -172,70 +159,6 @@ def print_resume_hint(spec_path: str) -> None:
     print(hint, file=sys.stderr)
 
 
-# --- the plan ----------------------------------------------------------------------------------
-
-
-def plan_text(spec: Spec, trials: list[Trial]) -> str:
-    """The dry run's output: one row per trial and the pretraining runs they share."""
-    lines = [f"study {spec.study}: {spec.description}".rstrip(": ")]
-    if spec.optuna is not None:
-        optuna = spec.optuna
-        fixed = ", ".join(f"{path} {values[0]}" for path, values in spec.search.items())
-        lines.append(
-            f"Optuna search, {optuna.num_samples} trials (seed {optuna.seed}), method pretrained, "
-            f"seed {spec.seeds[0]}, finetune.budget {_budget(spec.finetune)}, "
-            f"scheduler {spec.scheduler.type}" + (f", {fixed}" if fixed else "")
-        )
-        for path, dist in optuna.params.items():
-            rng = dist.values if dist.type == "choice" else f"[{dist.low:g}, {dist.high:g}]"
-            lines.append(f"  {path} ~ {dist.type} {rng}")
-        lines.append(f"pretraining runs: up to {optuna.num_samples} (one per sampled setting)")
-        return "\n".join(lines)
-    resolved = [t.resolve(spec) for t in trials]
-    # Keys without the dataset fingerprint: the dry run does not generate the data.
-    keys = [r.pretrain_key("") for r in resolved]
-    index = {key: i + 1 for i, key in enumerate(dict.fromkeys(k for k in keys if k))}
-    axes = list(spec.search)
-    header = ("#", "method", *axes, "seed", "pretraining")
-    rows = [
-        (
-            str(i + 1),
-            r.trial.method,
-            *(short_value(dict(r.trial.overrides).get(path, "-")) for path in axes),
-            str(r.trial.seed),
-            f"P{index[key]}" if key else "-",
-        )
-        for i, (r, key) in enumerate(zip(resolved, keys, strict=True))
-    ]
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    for row in [header, *rows]:
-        lines.append("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
-    shared = sum(1 for k in keys if k)
-    lines.append(
-        f"{_count(len(trials), 'trial')}; {_count(len(index), 'pretraining run')}, shared by "
-        f"{_count(shared, 'pretrained trial')}; pretrain.budget {_budget(spec.pretrain)}, "
-        f"finetune.budget {_budget(spec.finetune)}"
-    )
-    plan = pretrain_plan(resolved, "")
-    if plan.trunks:
-        unit, branches = spec.pretrain.budget.unit, "branch" if plan.branches == 1 else "branches"
-        lines.append(
-            f"pretraining plan: {_count(plan.runs, 'run')} from scratch, "
-            f"{_count(plan.trunks, 'wsd trunk')} with {plan.branches} {branches}; "
-            f"{plan.shared:g} {unit} of pretraining instead of {plan.alone:g} "
-            f"({plan.saved:g} {unit} saved)"
-        )
-    return "\n".join(lines)
-
-
-def _budget(cfg) -> str:
-    return f"{cfg.budget.value} {cfg.budget.unit}"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 # --- the sweep ---------------------------------------------------------------------------------
 
 
@@ -271,7 +194,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
         dataroot, version = prepare_data(spec, storage, progress=args.loudness != console.QUIET)
         resolved = [t.resolve(spec) for t in trials]
         prepare_pseudo_labels(resolved, dataroot, version, storage)
-        from model.data.dataset import dataset_fingerprint
+        from model.data.keyframes import dataset_fingerprint
 
         fingerprint = dataset_fingerprint(dataroot, version)
         prepare_index(resolved, dataroot, version, storage)
@@ -338,115 +261,6 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
         return EXIT_INTERRUPTED
     print(console.summary_text(spec.experiment, plan.tracking_uri, tracker.experiment_id))
     return EXIT_TRIALS_FAILED if outcome.failed else EXIT_OK
-
-
-def start_ray(address: str | None) -> None:
-    """Connect to the cluster at ``address``, or start a local Ray that listens on loopback only.
-
-    Ray's GCS, raylet, runtime-env agent and every worker's gRPC server bind 127.0.0.1 only when
-    the node address is exactly 127.0.0.1, else every interface (``::``). Ray 2.60's ``ray.init``
-    rewrites a loopback ``_node_ip_address`` to the routable address unless
-    ``ray_constants.ENABLE_RAY_CLUSTER`` is false (Ray's local-only mode; its env var is read
-    when ``ray`` is first imported), so the flag is lowered for ``ray.init`` alone. The
-    dashboard stays off; ``test_a_local_sweep_listens_on_loopback_only`` reads the sockets. A
-    cluster is an explicit opt-in (``--address``; docs/scaling.md).
-    """
-    import ray
-    from ray._private import ray_constants
-
-    options = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if address:
-        if os.environ.get(arms.ENV):  # arms of one's own reach the cluster's workers too
-            options["runtime_env"] = {"env_vars": {arms.ENV: os.environ[arms.ENV]}}
-        ray.init(address=address, ignore_reinit_error=True, **options)
-        return
-    cluster = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(address="local", _node_ip_address="127.0.0.1", **options)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster
-
-
-def prepare_data(spec: Spec, storage: Path, progress: bool = True) -> tuple[Path, str]:
-    """The dataroot the trials read: the spec's, or a synthetic one generated on first use (with
-    a progress bar and a closing line unless ``progress`` is false: --quiet)."""
-    version = spec.data.resolved_version
-    if spec.data.dataroot:
-        return Path(spec.data.dataroot).expanduser().resolve(), version
-    from model.data.synthetic import generate_dataset
-
-    args = spec.data.synthetic.model_dump(mode="json")
-    args["image_size"] = tuple(args["image_size"])
-
-    def build(work: Path) -> dict:
-        log.info("generating the synthetic dataset %s (first use)", args)
-        generate_dataset(work / "dataroot", progress=progress, **args)
-        return {"generator_args": args}
-
-    entry = cache.compute_once(storage / "data", f"synthetic-{stable_hash(args, 12)}", build)
-    return entry.path / "dataroot", version
-
-
-def prepare_index(resolved: list, dataroot: Path, version: str, storage: Path) -> None:
-    """The keyframe index of every split the trials read, cached once here: each trial reads it
-    instead of importing the devkit and loading its tables."""
-    from model.data.dataset import index_split
-
-    for split in sorted({s for r in resolved for s in (r.spec.data.train_split, r.spec.data.val_split)}):  # noqa: E501
-        index_split(dataroot, version, split, cache_dir=label_cache_dir(storage))
-
-
-def prepare_pseudo_labels(resolved: list, dataroot: Path, version: str, storage: Path) -> None:
-    """The trials' pseudo-label sets, checked (and made, but Mask2Former's) once, up front."""
-    from model.train import ensure_pseudo_labels
-
-    where = dict(dataroot=str(dataroot), version=version, cache_dir=str(label_cache_dir(storage)))
-    for spec in pseudo_label_specs(resolved):
-        if problem := missing_pseudo_labels(spec, dataroot, version):
-            raise SpecError(problem)
-        ensure_pseudo_labels(spec.data.model_copy(update=where), spec.model.build())
-
-
-def start_sweep_run(
-    spec: Spec,
-    spec_path: Path,
-    overrides: list[str],
-    tracker: Tracker,
-    fingerprint: str,
-    resolved: list[ResolvedTrial],
-    source: dict[str, str],
-) -> str:
-    commit, dirty = git_commit()
-    run = tracker.client.create_run(
-        tracker.experiment_id,
-        run_name=f"{spec.study}-sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={
-            **source,
-            ROLE: "sweep",
-            "bev.study": spec.study,
-            "bev.git_commit": commit,
-            "bev.git_dirty": str(dirty).lower(),
-            "bev.dataset_fingerprint": fingerprint,
-            "bev.config_hash": spec.config_hash(),
-            "bev.spec_file": str(spec_path),
-            "bev.overrides": " ".join(overrides),
-        },
-    )
-    run_id = run.info.run_id
-    tracker.log_params(run_id, flatten(spec.model_dump(mode="json")))
-    tracker.log_text(run_id, Path(spec_path).read_text(), "spec.yaml")
-    spec_json = {
-        "spec": spec.model_dump(mode="json"),
-        "overrides": overrides,
-        "storage_dir": str(spec.storage_dir()),
-        "trials": [r.trial.to_dict() | {"name": r.name, "trial_id": r.trial.key} for r in resolved],
-    }
-    tracker.log_json(run_id, spec_json, "resolved_spec.json")
-    tracker.log_json(run_id, environment_info(), "environment.json")
-    total = spec.optuna.num_samples if spec.optuna else len(resolved)
-    tracker.log_metrics(run_id, {"sweep/trials_total": total}, step=0)
-    return run_id
 
 
 def build_tuner(

@@ -5,8 +5,8 @@ one per trial (`bev.role=trial`), both children of the sweep. Runs are found aga
 (`bev.trial_id`, `bev.pretrain_key`), never created twice: a resumed or retried trial reopens
 its run. `analysis/load.py` reads what this module writes.
 
-Where settings come from is decided by `resolve_tracking_uri` and `resolve_ray_address`:
-CLI flag > environment variable > spec > default.
+Where settings come from is decided by `analysis.load.resolve_tracking_uri` and
+`resolve_ray_address`: CLI flag > environment variable > spec > default.
 """
 
 from __future__ import annotations
@@ -67,26 +67,6 @@ def _first_set(*candidates: tuple[str, str | None]) -> tuple[str | None, str]:
         if value:
             return value, source
     return None, "unset"
-
-
-def resolve_tracking_uri(
-    cli: str | None = None, spec: str | None = None, default: str | None = None
-) -> str:
-    """MLflow tracking URI: `cli` (a flag) > $MLFLOW_TRACKING_URI > `spec` > `default`.
-
-    Analysis resolves its store in the same order; the harness's default is the study folder's
-    SQLite file (`sqlite_uri(<storage_path>/mlflow.db)`).
-    """
-    uri, source = _first_set(
-        ("command line", cli),
-        ("$MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")),
-        ("spec", spec),
-        ("default", default),
-    )
-    if uri is None:
-        raise ValueError("no MLflow tracking URI: pass one, set $MLFLOW_TRACKING_URI or a default")
-    log.debug("MLflow tracking URI %s (from %s)", uri, source)
-    return uri
 
 
 def resolve_ray_address(cli: str | None = None, spec: str | None = None) -> str | None:
@@ -195,7 +175,7 @@ def local_artifact_location(tracking_uri: str, study_dir: Path) -> str | None:
 def check_artifact_location(tracking_uri: str, experiment: str, study_dir: Path) -> None:
     """Refuse, before a sweep writes anything, a local artifact location that cannot be written
     (raises SpecError, one line). The store itself is checked first, by
-    ``harness.preflight.check_store``."""
+    ``analysis.inputs.check_store``."""
     from urllib.parse import urlparse
     from urllib.request import url2pathname
 

@@ -3,8 +3,8 @@
 `run_trial(config, context)` is the Ray Tune function trainable. `config["trial"]` is a
 `Trial` as a dict (a method, a seed and the search axes' values); `context` is the same for
 every trial of a sweep. The trial resolves its settings with the spec model, calls the training
-core's public functions (`model.train`) with the spec's sections as they are, and writes the
-run layout of docs/architecture.md through `harness.tracking`.
+core's public functions (`model.training.train`) with the spec's sections as they are, and writes
+the run layout of docs/architecture.md through `harness.tracking`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
 def _run(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker, run_id: str) -> None:
     from ray import tune
 
-    from model import train as core
+    from model.training import train as core
 
     data, model = core_data(resolved, context), resolved.spec.model.build()
     runtime = core_runtime(resolved)
@@ -141,7 +141,7 @@ def _run(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker, run_i
 def matched_finetune(resolved: ResolvedTrial, data: DataConfig, context: SweepContext):
     """The compute-matched arm's fine-tuning: its budget plus the optimiser steps its
     pretrained twin spent in pretraining (whole, or divided among the trials sharing it)."""
-    from model import train as core
+    from model.training import train as core
 
     twin = resolved.twin
     steps = core.planned_steps(data, twin.pretrain)

@@ -36,7 +36,7 @@ def ensure_trunk(resolved: ResolvedTrial, context: SweepContext, tracker: Tracke
     and the step only (the prefix of a WSD schedule does not depend on the length). All
     segments log into one MLflow run (`bev.role=pretrain_trunk`).
     """
-    from model import train as core
+    from model.training import train as core
 
     fingerprint = context.dataset_fingerprint
     trunk_key = resolved.trunk_key(fingerprint)

@@ -89,7 +89,7 @@ class DataConfig(Config):
     # cameras (the positive control), "shuffled", the labeller's labels of another keyframe
     # (the negative control).
     pseudo_label_source: Literal["labeler", "oracle", "shuffled"] = "labeler"
-    # The simulated labeller's corruption preset (model.data.pseudo_labels.Corruption), read by
+    # The simulated labeller's corruption preset (model.data.simulated_labeler.Corruption), read by
     # the sources "labeler" and "shuffled"; "oracle" has no labeller.
     pseudo_label_noise: Literal["clean", "low", "medium", "high"] = "medium"
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -227,9 +227,9 @@ class ReprojectionConfig(Config):
     loss: Literal["ce", "focal"] = "ce"
     focal_gamma: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = 2.0
     # CE class weights (single-label protocols): a tuple, None, or "auto": sqrt(f_background /
-    # f_class) over the pseudo-labels' pixels (model.class_weights). Unweighted, the ~90 % road
-    # pixels win and the pretrained head predicts background everywhere (measured: marking
-    # recall under 3 % in perspective).
+    # f_class) over the pseudo-labels' pixels (model.training.class_weights). Unweighted, the
+    # ~90 % road pixels win and the pretrained head predicts background everywhere (measured:
+    # marking recall under 3 % in perspective).
     class_weights: ClassWeights = "auto"
 
 
@@ -293,7 +293,7 @@ class PhaseConfig(Config):
     def _wsd_budget(self) -> PhaseConfig:
         budget, optim = self.budget, self.optim
         if optim.schedule != "wsd" or budget.unit == "epochs":
-            return self  # epochs: checked once the steps per epoch are known (model.loop)
+            return self  # epochs: checked once the steps per epoch are known (model.training.loop)
         if budget.unit == "samples" and budget.value % self.batch_size:
             raise ValueError(
                 f"budget.value: a wsd budget in samples must be a multiple of batch_size "
@@ -337,7 +337,7 @@ class FinetuneConfig(PhaseConfig):
     # training sample; 0 here: the arm that uses it (model.arms "pct") sets it.
     w_perspective: Weight = 0.0
     # CE class weights (hdmapnet): a tuple, None, or "auto": sqrt(f_background / f_class) over
-    # the labelled subset's BEV labels, clipped to [1, 10] (model.class_weights).
+    # the labelled subset's BEV labels, clipped to [1, 10] (model.training.class_weights).
     bev_class_weights: ClassWeights = "auto"
     bev_pos_weight: tuple[Positive, ...] | None = None  # BCE positive weights (fine)
     # Off by default: the study reports final metrics (no selection on val). When on, the
@@ -363,7 +363,7 @@ class RuntimeConfig(Config):
     """How a run executes, not what it computes (not part of any cache key)."""
 
     device: Literal["auto", "cpu", "cuda"] | Annotated[str, Field(pattern=r"^cuda:\d+$")] = "auto"
-    # The speed switches of model.precision, on by default; they leave the method as it is.
+    # The speed switches of model.training.precision, on by default; they leave the method as it is.
     # bf16: autocast where the device computes bf16 natively (CUDA; CPUs with AVX512-BF16 or
     # AMX), float32 elsewhere; false: float32 everywhere.
     bf16: bool = True
@@ -378,8 +378,9 @@ class RuntimeConfig(Config):
     # After each validation, render the first val sample's BEV prediction beside its label
     # (EpochReport.preview), for a tracker to show how a trial learns.
     preview: bool = False
-    # After a pretraining, measure its target alignment on the val split (model.diagnostics:
-    # reach, ceiling, the head on reached cells, perspective IoU): one extra val pass.
+    # After a pretraining, measure its target alignment on the val split
+    # (model.evaluation.diagnostics: reach, ceiling, the head on reached cells, perspective IoU):
+    # one extra val pass.
     alignment: bool = True
 
 

@@ -87,7 +87,7 @@ STEPS = "train/steps"  # optimiser steps so far (pretraining: pretrain/steps)
 BEST_PREFIX, BEST_EPOCH = "best/", "best/epoch"
 
 
-# A pretraining's target alignment on val (model.diagnostics): ``align/reach``,
+# A pretraining's target alignment on val (model.evaluation.diagnostics): ``align/reach``,
 # ``align/ceiling_mIoU``, ``align/head_reached_mIoU``, ...
 ALIGN_PREFIX = "align/"
 

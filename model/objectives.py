@@ -27,18 +27,18 @@ from torch import nn
 
 from model.config import PhaseConfig
 from model.data.labels import PSEUDO_LABEL_PROTOCOL, is_multilabel
-from model.data.pseudo_labels import PSEUDO_CLASSES, pseudo_channel_groups
+from model.data.pseudo_classes import PSEUDO_CLASSES, pseudo_channel_groups
 from model.geometry import BevGrid
-from model.interface import BevModel
-from model.losses import (
+from model.network.interface import BevModel
+from model.network.perspective_head import PerspectiveHead
+from model.network.reprojection import reproject
+from model.training.losses import (
     bev_loss,
     perspective_loss,
     reprojection_bce_loss,
     reprojection_loss,
     temporal_consistency_loss,
 )
-from model.perspective_head import PerspectiveHead
-from model.reprojection import reproject
 
 Input = Literal["prev", "pseudo_labels", "bev_label"]
 
@@ -52,11 +52,11 @@ class LossInputs:
     protocol: str
     net: BevModel
     batch: dict
-    out: dict  # model.forward.forward: bev_logits, bev_features, image_features
+    out: dict  # model.evaluation.forward.forward: bev_logits, bev_features, image_features
     # out["bev_logits"] in float32, cast once per step: every objective's gradient meets in
     # float32 before the one cast back (one cast per objective would round each separately).
     logits: torch.Tensor
-    history: dict | None  # the previous keyframe's outputs (model.forward.history_pass)
+    history: dict | None  # the previous keyframe's outputs (model.evaluation.forward.history_pass)
     mask: torch.Tensor | None  # (B,) bool: the samples this objective may use (None: all)
     bev_class_weights: tuple[float, ...] | None = None
     bev_pos_weight: tuple[float, ...] | None = None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 # Official pillar heights moved from the lidar frame (z in [-5, 3] m, 4 points at bin centres)
 # to the ego frame: + 1.84 m, the nuScenes lidar mounting height.
 _LIDAR_HEIGHT_M = 1.84
-# The networks ``model.train.build_model`` knows (``ModelConfig.architecture``).
+# The networks ``model.training.train.build_model`` knows (``ModelConfig.architecture``).
 ARCHITECTURES = ("bevformer",)
 
 OFFICIAL_Z_ANCHORS_M: tuple[float, ...] = tuple(
@@ -38,7 +38,8 @@ class ModelConfig:
     """Everything that shapes a ``BEVFormerSeg``; plain values, hashable, JSON-able."""
 
     name: str = "custom"
-    # Which network ``model.train.build_model`` builds (``model.interface.BevModel``).
+    # Which network ``model.training.train.build_model`` builds
+    # (``model.network.interface.BevModel``).
     architecture: str = "bevformer"
     # --- image backbone (torchvision ResNet) + FPN ---
     backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101

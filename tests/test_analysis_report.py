@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_analysis_store import EPOCHS, FINAL_MIOU, SEEDS, Trial, build_store
 
-from analysis.report import FIGURES, LOGGED_FILES, OPTIONAL_FIGURES
+from analysis.findings import FIGURES, OPTIONAL_FIGURES
+from analysis.report import LOGGED_FILES
 
 ALWAYS_DRAWN = [name for name in FIGURES if name not in OPTIONAL_FIGURES]
 
@@ -211,7 +212,7 @@ def test_the_length_figure_draws_one_line_per_fraction_over_the_lengths():
 
 def test_time_figure_legend_has_no_target_entries_for_what_is_not_drawn():
     from analysis.curves import plot_miou_vs_time
-    from analysis.stats import time_to_target
+    from analysis.target_time import time_to_target
 
     epochs = pd.DataFrame(
         {

@@ -11,10 +11,9 @@ import pytest
 from test_analysis_store import Trial, build_store
 
 from analysis.load import analysed_trials, load_study
+from analysis.savings import label_savings
 from analysis.stats import (
     bootstrap_interval,
-    crossing_time,
-    label_savings,
     min_detectable_effect,
     paired_power,
     paired_verdicts,
@@ -23,8 +22,8 @@ from analysis.stats import (
     seeds_needed,
     summarise,
     t_interval,
-    time_to_target,
 )
+from analysis.target_time import crossing_time, time_to_target
 
 T_975_DF2 = 4.302652729749462  # Student t, 97.5% quantile, 2 degrees of freedom (tables: 4.303)
 HALF_WIDTH_3_SEEDS = T_975_DF2 * 0.02 / math.sqrt(3)  # s = 0.02 for every standard cell

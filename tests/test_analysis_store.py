@@ -59,7 +59,7 @@ class Trial:
         return f"{self.method}-f{self.label_fraction:g}-s{self.seed}"
 
 
-# The target alignment each pretraining run logs, by seed (model.diagnostics' names).
+# The target alignment each pretraining run logs, by seed (model.evaluation.diagnostics' names).
 ALIGNMENT = {
     "reach": lambda seed: 0.30 + 0.01 * seed,
     "reach_divider": lambda seed: 0.50,

@@ -50,7 +50,8 @@ class Case(NamedTuple):
 
 P, Q = "model.data.prepare --dataroot {root}", "model.data.pseudo_labels --dataroot {root}"
 S = "harness.sweep {spec} --set data.dataroot={root} --set storage_path={study}"
-A, Y, B = "model.data.alignment --dataroot {root}", "model.data.synthetic --out", "model.bench"
+A, Y = "model.data.alignment --dataroot {root}", "model.data.synthetic --out"
+B = "model.tools.bench"
 R, L = "analysis.report --experiment toy", "analysis.plan --experiment toy"
 STORE = "--tracking-uri {uri}"
 
@@ -172,7 +173,7 @@ CASES = [
         "report-db-empty",
         f"{R} --tracking-uri sqlite:///{{empty}}",
         "{empty}",
-        "has no MLflow tables",
+        "without MLflow tables",
     ),
     Case(
         "report-db-missing",
@@ -408,7 +409,7 @@ CASES = [
     Case("synthetic-size-90", f"{Y} {{missing}} --image-size 90", "--image-size", "x"),
     Case("synthetic-image-size-zero", f"{Y} {{missing}} --image-size 0x160", "image_size", "0"),
     Case("synthetic-seed-text", f"{Y} {{missing}} --seed zero", "--seed", "'zero'"),
-    # model.bench
+    # model.tools.bench
     Case("bench-preset-unknown", f"{B} --preset huge", "--preset", "'huge'"),
     Case("bench-device-unknown", f"{B} --device tpu", "--device", "tpu: not a device"),
     Case("bench-batch-zero", f"{B} --batch 0", "--batch", "must be > 0, got 0"),

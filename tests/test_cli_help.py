@@ -20,7 +20,7 @@ TOOLS = {
     "harness.sweep",
     "analysis.report",
     "analysis.plan",
-    "model.bench",
+    "model.tools.bench",
     "model.data.prepare",
     "model.data.pseudo_labels",
     "model.data.alignment",

@@ -23,9 +23,9 @@ from model.data.alignment_stats import (
 )
 from model.data.labels import HDMAPNET_CLASSES
 from model.data.synthetic.rig import camera_rig
+from model.evaluation.metrics import ArgmaxIoU
 from model.geometry import BevGrid
-from model.metrics import ArgmaxIoU
-from model.reprojection import (
+from model.network.reprojection import (
     IGNORE,
     ReprojectionGrids,
     reproject_bev_logits,
@@ -173,7 +173,7 @@ def test_meter_pools_reach_per_class_over_the_split():
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     """2 scenes x 2 keyframes (one val scene) with simulated pseudo-labels."""
-    from model.data.pseudo_labels import run_synthetic
+    from model.data.simulated_labeler import run_synthetic
     from model.data.synthetic import generate_dataset
 
     root = generate_dataset(

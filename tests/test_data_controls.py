@@ -21,10 +21,10 @@ from harness.spec import SpecError, load_spec
 from harness.trials import Trial, expand_trials
 from model.config import DataConfig
 from model.data.controls import ensure_label_set, perspective_classes, shuffle_partners
-from model.data.dataset import dataset_fingerprint, index_split, split_names
+from model.data.keyframes import dataset_fingerprint, index_split, split_names
 from model.data.label_cache import LabelCache
 from model.data.labels import FINE_CLASSES, LabelConfig
-from model.data.pseudo_labels import PSEUDO_CLASSES
+from model.data.pseudo_classes import PSEUDO_CLASSES
 from model.data.pseudo_sources import (
     MARKER,
     NOISE_LEVELS,
@@ -35,7 +35,7 @@ from model.data.pseudo_sources import (
 )
 from model.geometry import BevGrid
 from model.names import IGNORE
-from model.reprojection import reprojection_grids
+from model.network.reprojection import reprojection_grids
 
 VERSION = "v1.0-mini"
 GRID = BevGrid(-30.0, 30.0, -15.0, 15.0, 0.5)  # the nano preset's label grid
@@ -250,7 +250,7 @@ def test_the_source_is_a_search_axis(tmp_path):
 
 def test_training_reads_the_set_its_data_config_names(root, cache, oracle):
     from model.presets import get_preset
-    from model.train import ensure_pseudo_labels
+    from model.training.train import ensure_pseudo_labels
 
     data = DataConfig(dataroot=str(root), cache_dir=str(cache), pseudo_label_source="oracle")
     assert ensure_pseudo_labels(data, get_preset("nano")) == oracle
@@ -260,7 +260,7 @@ def test_training_reads_the_set_its_data_config_names(root, cache, oracle):
 
 
 def test_the_sweep_writes_every_set_its_trials_read(synthetic_root, tmp_path):
-    from harness.sweep import prepare_pseudo_labels
+    from harness.sweep_setup import prepare_pseudo_labels
 
     root = Path(shutil.copytree(synthetic_root, tmp_path / "root"))
     axis = {"data.pseudo_label_source": ["oracle", "shuffled"]}

@@ -17,19 +17,16 @@ from nuscenes.map_expansion.map_api import NuScenesMap
 
 from model.data import label_cache, prepare
 from model.data.batching import collate, make_loader
-from model.data.dataset import (
-    NuScenesBevDataset,
-    dataset_fingerprint,
-    index_split,
-    split_scenes,
-)
+from model.data.dataset import NuScenesBevDataset
 from model.data.errors import (
     CorruptImageError,
     DatarootNotFoundError,
     MapNotFoundError,
     MissingPseudoLabelsError,
 )
-from model.data.labels import FINE_CLASSES, LabelConfig, rasterise_bev_label
+from model.data.keyframes import dataset_fingerprint, index_split, split_scenes
+from model.data.labels import FINE_CLASSES, LabelConfig
+from model.data.rasterise import rasterise_bev_label
 from model.data.subsets import label_subset
 from model.geometry import CAMERAS, BevGrid, invert_transform
 

@@ -19,6 +19,7 @@ from shapely import affinity
 from shapely.geometry import LineString, Polygon, box
 
 import model.data.labels as labels
+from model.data.canvas import ego_yaw
 from model.data.labels import (
     FINE_CLASSES,
     HDMAPNET_CLASSES,
@@ -26,13 +27,12 @@ from model.data.labels import (
     PROTOCOLS,
     LabelConfig,
     class_names,
-    ego_yaw,
     is_multilabel,
     pack_label,
     paint_path,
-    rasterise_bev_label,
     unpack_label,
 )
+from model.data.rasterise import rasterise_bev_label
 from model.geometry import BevGrid, transform_from_pose
 
 GRID = BevGrid(-12.0, 12.0, -8.0, 8.0, 0.2)  # 120 x 80, not square, small
@@ -541,7 +541,7 @@ def paint_shapes(dataroot, location: str, global_from_ego, grid: BevGrid) -> dic
 
 
 def test_paint_labels_are_the_painted_marks_widened_to_the_line(synthetic_root):
-    from model.data.dataset import index_split
+    from model.data.keyframes import index_split
 
     grid = BevGrid(-30.0, 30.0, -15.0, 15.0, 0.5)
     records = index_split(synthetic_root, "v1.0-mini", "train")
@@ -565,7 +565,7 @@ def test_paint_source_without_painted_marks_raises_naming_source(toy_map):
 
 
 def test_paint_classes_follow_the_pseudo_labels_vistas_mapping():
-    from model.data.pseudo_labels import VISTAS_TO_PROTOCOL
+    from model.data.pseudo_classes import VISTAS_TO_PROTOCOL
 
     for vistas, name in PAINT_CLASSES.items():
         assert VISTAS_TO_PROTOCOL["hdmapnet"][vistas] == name
@@ -647,7 +647,7 @@ def test_cache_key_changes_with_a_rule(monkeypatch, table, key, value):
 
 
 def test_synthetic_sample_labels_equal_devkit_rasterisation(synthetic_root, devkit_lines_fixed):
-    from model.data.dataset import index_split
+    from model.data.keyframes import index_split
 
     grid = BevGrid(-30.0, 30.0, -15.0, 15.0, 0.3)
     records = index_split(synthetic_root, "v1.0-mini", "train")

@@ -12,15 +12,23 @@ import numpy as np
 import pytest
 
 from model.data import pseudo_labels as pl
-from model.data.pseudo_labels import (
-    IGNORE,
+from model.data.mask2former_labeler import load_mask2former, run_mask2former
+from model.data.pseudo_classes import (
     PSEUDO_CLASSES,
-    Corruption,
+    VISTAS_LOOKUP,
     class_lookup,
+    pseudo_channel_groups,
+)
+from model.data.pseudo_sources import pseudo_label_path
+from model.data.simulated_labeler import (
+    Corruption,
     corrupt_label,
     read_noise_report,
+    run_synthetic,
+    semantic_path,
 )
 from model.data.vistas import VISTAS_CLASSES, VISTAS_ID
+from model.names import IGNORE
 
 VERSION = "v1.0-mini"
 
@@ -125,7 +133,7 @@ def test_mask2former_cli_writes_one_label_png_per_image(labelled_root, tiny_mask
     labels = label_files(labelled_root, "mask2former")
     assert sorted(p.stem for p in labels) == sorted(p.stem for p in images)
     for image_path in images[:: max(1, len(images) // 12)]:
-        label_path = pl.pseudo_label_path(labelled_root, "mask2former", "hdmapnet", image_path)
+        label_path = pseudo_label_path(labelled_root, "mask2former", "hdmapnet", image_path)
         label = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
         image = cv2.imread(str(image_path))
         assert label.dtype == np.uint8 and label.shape == image.shape[:2]
@@ -137,7 +145,7 @@ def test_mask2former_run_resumes_without_relabelling(labelled_root, tiny_mask2fo
     done = label_files(labelled_root, "mask2former")
     done[0].unlink()
     stamp = {p: p.stat().st_mtime_ns for p in done[1:]}
-    report = pl.run_mask2former(
+    report = run_mask2former(
         labelled_root, VERSION, tiny_mask2former, batch_size=4, progress=False
     )
     assert (report.written, report.skipped) == (1, len(done) - 1)
@@ -146,22 +154,22 @@ def test_mask2former_run_resumes_without_relabelling(labelled_root, tiny_mask2fo
 
 def test_mask2former_without_checkpoint_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no Mask2Former checkpoint"):
-        pl.load_mask2former(tmp_path, "cpu")
+        load_mask2former(tmp_path, "cpu")
 
 
 # --- the simulated labeller ---------------------------------------------------------------------
 
 
 def clean_labels(root: Path, protocol: str = "hdmapnet") -> dict[str, np.ndarray]:
-    lookup = pl.VISTAS_LOOKUP[protocol]
+    lookup = VISTAS_LOOKUP[protocol]
     return {
-        p.stem: lookup[cv2.imread(str(pl.semantic_path(root, p)), cv2.IMREAD_UNCHANGED)]
+        p.stem: lookup[cv2.imread(str(semantic_path(root, p)), cv2.IMREAD_UNCHANGED)]
         for p in camera_image_paths(root)
     }
 
 
 def test_clean_simulation_equals_mapped_ground_truth(labelled_root):
-    pl.run_synthetic(labelled_root, VERSION, noise_level="clean", progress=False, overwrite=True)
+    run_synthetic(labelled_root, VERSION, noise_level="clean", progress=False, overwrite=True)
     clean = clean_labels(labelled_root)
     for path in label_files(labelled_root, "synthetic-clean"):
         np.testing.assert_array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), clean[path.stem])
@@ -173,7 +181,7 @@ def test_clean_simulation_equals_mapped_ground_truth(labelled_root):
 def test_noise_level_is_logged_and_grows_with_the_setting(labelled_root):
     rates = {}
     for level in ("low", "high"):
-        pl.run_synthetic(labelled_root, VERSION, noise_level=level, progress=False, overwrite=True)
+        run_synthetic(labelled_root, VERSION, noise_level=level, progress=False, overwrite=True)
         report = read_noise_report(labelled_root, noise_level=level)
         assert report["noise_level"] == level and report["complete"]
         assert set(report["iou_vs_clean"]) == set(PSEUDO_CLASSES["hdmapnet"])
@@ -182,23 +190,23 @@ def test_noise_level_is_logged_and_grows_with_the_setting(labelled_root):
 
 
 def test_simulation_is_seeded_and_resumable(labelled_root):
-    pl.run_synthetic(labelled_root, VERSION, noise_level="medium", progress=False, overwrite=True)
+    run_synthetic(labelled_root, VERSION, noise_level="medium", progress=False, overwrite=True)
     first = {p.name: p.read_bytes() for p in label_files(labelled_root, "synthetic")}
     victim = label_files(labelled_root, "synthetic")[3]
     victim.unlink()
-    report = pl.run_synthetic(labelled_root, VERSION, noise_level="medium", progress=False)
+    report = run_synthetic(labelled_root, VERSION, noise_level="medium", progress=False)
     assert report.written == 1
     assert {p.name: p.read_bytes() for p in label_files(labelled_root, "synthetic")} == first
 
 
 def test_resuming_with_other_settings_is_refused(labelled_root):
-    pl.run_synthetic(labelled_root, VERSION, noise_level="medium", progress=False, overwrite=True)
+    run_synthetic(labelled_root, VERSION, noise_level="medium", progress=False, overwrite=True)
     with pytest.raises(ValueError, match="--overwrite"):
-        pl.run_synthetic(labelled_root, VERSION, noise_level="medium", seed=1, progress=False)
+        run_synthetic(labelled_root, VERSION, noise_level="medium", seed=1, progress=False)
 
 
 def test_fine_protocol_pseudo_labels(labelled_root):
-    pl.run_synthetic(labelled_root, VERSION, protocol="fine", progress=False, overwrite=True)
+    run_synthetic(labelled_root, VERSION, protocol="fine", progress=False, overwrite=True)
     values = set()
     for path in label_files(labelled_root, "synthetic", "fine"):
         values |= set(np.unique(cv2.imread(str(path), cv2.IMREAD_UNCHANGED)).tolist())
@@ -252,13 +260,13 @@ def test_far_noise_grows_towards_the_top_of_the_road():
 
 
 def test_noise_json_lies_beside_the_labels(labelled_root):
-    pl.run_synthetic(labelled_root, VERSION, progress=False, overwrite=True)
+    run_synthetic(labelled_root, VERSION, progress=False, overwrite=True)
     noise = labelled_root / "pseudo_labels" / "synthetic" / "hdmapnet" / "noise.json"
     assert json.loads(noise.read_text())["images"] == len(camera_image_paths(labelled_root))
 
 
 def test_fine_perspective_classes_name_their_bev_channels():
-    groups = pl.pseudo_channel_groups("fine")
+    groups = pseudo_channel_groups("fine")
     assert groups[PSEUDO_CLASSES["fine"].index("background")] == []
     from model.data.labels import FINE_CLASSES
 
@@ -268,12 +276,12 @@ def test_fine_perspective_classes_name_their_bev_channels():
         "road_divider",
         "stop_line",
     ]
-    assert pl.pseudo_channel_groups("hdmapnet") == [[0], [1], [2], [3]]
+    assert pseudo_channel_groups("hdmapnet") == [[0], [1], [2], [3]]
 
 
 def test_hdmapnet_filled_reads_the_hdmapnet_pseudo_labels():
     from model.data.labels import PSEUDO_LABEL_PROTOCOL
-    from model.data.pseudo_labels import pseudo_channel_groups
+    from model.data.pseudo_classes import pseudo_channel_groups
 
     # Only the BEV rasterisation differs: same perspective classes, same BEV channels.
     assert PSEUDO_LABEL_PROTOCOL["hdmapnet_filled"] == "hdmapnet"

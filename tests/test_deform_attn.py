@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.deform_attn import (
+from model.network.deform_attn import (
     multi_scale_deformable_attn,
     multi_scale_deformable_attn_pytorch,
     resolve_impl,
@@ -108,7 +108,10 @@ def test_auto_uses_the_reference_on_cpu_and_refuses_unavailable_fast_paths():
 TRITON_CHECK = textwrap.dedent(
     """
     import torch
-    from model.deform_attn import multi_scale_deformable_attn, multi_scale_deformable_attn_pytorch
+    from model.network.deform_attn import (
+        multi_scale_deformable_attn,
+        multi_scale_deformable_attn_pytorch,
+    )
     from tests.test_deform_attn import SHAPES, random_inputs, msda_float64_loops
 
     def rel_err(a, b):
@@ -136,7 +139,8 @@ TRITON_CHECK = textwrap.dedent(
 def test_triton_kernels_match_reference_in_the_interpreter():
     """The Triton forward and backward kernels, run by TRITON_INTERPRET=1 on CPU tensors.
 
-    A subprocess, because ``triton.jit`` reads the variable when model.deform_attn is imported.
+    A subprocess, because ``triton.jit`` reads the variable when model.network.deform_attn is
+    imported.
     """
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(

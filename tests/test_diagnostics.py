@@ -1,19 +1,19 @@
-"""A pretraining's target alignment (model.diagnostics): the label-only statistics equal the
-dataroot command's (model.data.alignment.diagnose), and the head's are measured on the cells and
-pixels the loss reaches."""
+"""A pretraining's target alignment (model.evaluation.diagnostics): the label-only statistics
+equal the dataroot command's (model.data.alignment.diagnose), and the head's are measured on the
+cells and pixels the loss reaches."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
 from model.config import DataConfig, PretrainConfig, RuntimeConfig
 from model.data.alignment import diagnose
-from model.diagnostics import PREFIX, checkpoint_alignment
-from model.loaders import label_config
+from model.evaluation.diagnostics import PREFIX, checkpoint_alignment
 from model.presets import get_preset
-from model.train import pretrain
+from model.training.checkpoint import load_checkpoint
+from model.training.loaders import label_config
+from model.training.train import pretrain
 
 NANO = get_preset("nano")
 CPU = RuntimeConfig(device="cpu", progress=False)
@@ -67,7 +67,7 @@ def test_the_dataroot_command_scores_a_checkpoints_head_under_either_label_sourc
     import json
 
     from model.data.alignment import main
-    from model.train import evaluate_checkpoint
+    from model.training.train import evaluate_checkpoint
 
     data, cfg, trained = pretraining
     # A head that predicts divider everywhere scores the share of divider cells, which the map

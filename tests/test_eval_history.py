@@ -8,12 +8,12 @@ import contextlib
 import pytest
 import torch
 
-from model.bevformer import BEVFormerSeg
 from model.data.batching import make_loader
 from model.data.dataset import NuScenesBevDataset
 from model.data.labels import LabelConfig
-from model.forward import EvalForward, evaluate, forward, history_pass
+from model.evaluation.forward import EvalForward, evaluate, forward, history_pass
 from model.geometry import BevGrid
+from model.network.bevformer import BEVFormerSeg
 from model.presets import get_preset
 
 NANO = get_preset("nano", image_size=(48, 80))
@@ -87,7 +87,7 @@ def test_evaluate_reuses_histories_and_scores_as_with_the_history_pass(net, val_
         net, lambda: metrics.update(evaluate(net, loader, "hdmapnet", "cpu", bf16=False))
     )
     assert images == 6 * len(val_set)
-    from model.metrics import make_metric
+    from model.evaluation.metrics import make_metric
 
     metric = make_metric("hdmapnet")
     for batch in loader:

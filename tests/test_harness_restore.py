@@ -62,7 +62,7 @@ import errno, json, sys
 from pathlib import Path
 from ray import tune
 from harness.restore import failures_for_lack_of_space
-from harness.sweep import start_ray
+from harness.sweep_setup import start_ray
 
 root, step = Path(sys.argv[1]), sys.argv[2]
 

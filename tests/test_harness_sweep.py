@@ -523,7 +523,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def test_a_failing_trial_is_retried_then_recorded_failed_while_the_others_finish(tmp_path):
     from harness.spec import load_spec
     from harness.trials import expand_trials
-    from model.data.dataset import dataset_fingerprint
+    from model.data.keyframes import dataset_fingerprint
     from model.data.synthetic import generate_dataset
 
     dataroot = tmp_path / "dataroot"

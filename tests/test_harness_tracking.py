@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from analysis.load import resolve_tracking_uri  # the sweep's too (harness.preflight)
 from harness.tracking import (
     PARENT,
     ROLE,
@@ -11,7 +12,6 @@ from harness.tracking import (
     Tracker,
     flatten,
     resolve_ray_address,
-    resolve_tracking_uri,
     sqlite_uri,
 )
 
@@ -24,11 +24,14 @@ def clean_env(monkeypatch):
 
 
 def test_tracking_uri_precedence_is_flag_then_environment_then_spec_then_default(clean_env):
-    assert resolve_tracking_uri(None, None, default="sqlite:///d.db") == "sqlite:///d.db"
-    assert resolve_tracking_uri(None, "http://spec", default="sqlite:///d.db") == "http://spec"
+    assert resolve_tracking_uri(None, spec=None, default="sqlite:///d.db") == "sqlite:///d.db"
+    assert resolve_tracking_uri(None, spec="http://spec", default="sqlite:///d.db") == "http://spec"
     clean_env.setenv("MLFLOW_TRACKING_URI", "http://env")
-    assert resolve_tracking_uri(None, "http://spec", default="sqlite:///d.db") == "http://env"
-    assert resolve_tracking_uri("http://flag", "http://spec", "sqlite:///d.db") == "http://flag"
+    assert resolve_tracking_uri(None, spec="http://spec", default="sqlite:///d.db") == "http://env"
+    assert (
+        resolve_tracking_uri("http://flag", spec="http://spec", default="sqlite:///d.db")
+        == "http://flag"
+    )
 
 
 def test_ray_address_precedence_is_flag_then_environment_then_spec_then_local(clean_env):
@@ -41,7 +44,7 @@ def test_ray_address_precedence_is_flag_then_environment_then_spec_then_local(cl
 
 def test_an_empty_environment_variable_does_not_count(clean_env):
     clean_env.setenv("MLFLOW_TRACKING_URI", "")
-    assert resolve_tracking_uri(None, "http://spec") == "http://spec"
+    assert resolve_tracking_uri(None, spec="http://spec") == "http://spec"
 
 
 def test_flatten_spells_nested_keys_with_dots_and_keeps_lists_whole():

@@ -146,12 +146,23 @@ def test_no_module_imports_a_private_name_from_another_module():
     assert not offenders, "private names imported across modules:\n" + "\n".join(offenders)
 
 
-# The layering docs/architecture.md states: package -> what it must not import (project
-# modules by prefix, third-party packages by name), and analysis's one window into model.
+# The layering docs/architecture.md states: package or module -> what it must not import
+# (dotted prefixes: a package forbids its modules too; third-party packages by name), and
+# analysis's one window into model.
+MODEL_VOCABULARY = ("model.arms", "model.cli", "model.config", "model.geometry", "model.names",
+                    "model.presets")  # fmt: skip
+MODEL_LAYERS = ("model.data", "model.network", "model.training", "model.evaluation", "model.tools",
+                "model.interop", "model.objectives")  # fmt: skip
 FORBIDDEN = {
     "model": ("harness", "analysis", "ray", "mlflow"),
     "analysis": ("harness", "ray"),
+    # model's top: the vocabulary every layer reads imports none of them.
+    **{module: MODEL_LAYERS for module in MODEL_VOCABULARY},
+    # The network knows the vocabulary and itself only.
+    "model.network": tuple(layer for layer in MODEL_LAYERS if layer != "model.network"),
 }
+# Packages only their own modules import (the tests aside).
+PRIVATE_TO_ITSELF = ("model.tools",)
 ANALYSIS_MAY_IMPORT_FROM_MODEL = {"model", "model.arms", "model.names", "model.cli"}
 
 
@@ -166,15 +177,22 @@ def top_level_imports(path: Path) -> set[str]:
     return found
 
 
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
 def layering_violations(root: Path) -> list[str]:
     graph, _ = import_graph(root, PACKAGES)
     out = []
     for module, path in project_modules(root, PACKAGES).items():
         package = module.split(".")[0]
+        forbidden = [f for key, fs in FORBIDDEN.items() if _within(module, key) for f in fs]
         imported = graph[module] | top_level_imports(path)
         for target in sorted(imported):
             head = target.split(".")[0]
-            if head in FORBIDDEN.get(package, ()):
+            if any(_within(target, f) for f in forbidden):
+                out.append(f"{module} imports {target}")
+            elif any(_within(target, p) and not _within(module, p) for p in PRIVATE_TO_ITSELF):
                 out.append(f"{module} imports {target}")
             elif package == "analysis" and head == "model":
                 if target not in ANALYSIS_MAY_IMPORT_FROM_MODEL:
@@ -185,6 +203,35 @@ def layering_violations(root: Path) -> list[str]:
 def test_each_package_imports_only_what_the_architecture_page_allows():
     violations = layering_violations(ROOT)
     assert not violations, "layering (docs/architecture.md):\n" + "\n".join(violations)
+
+
+def test_the_layering_check_finds_a_network_module_reaching_up_and_a_tool_imported_elsewhere(
+    tmp_path,
+):
+    files = {
+        "model/__init__.py": "",
+        "model/config.py": "import model.geometry\n",  # the vocabulary reads itself
+        "model/geometry.py": "",
+        "model/network/__init__.py": "",
+        "model/network/warp.py": "from model.geometry import *\nfrom model.network import head\n",
+        "model/network/head.py": "def f():\n    from model.training import loop\n",
+        "model/training/__init__.py": "",
+        "model/training/loop.py": "from model.tools import bench\n",
+        "model/tools/__init__.py": "",
+        "model/tools/bench.py": "from model.tools import roofline\nimport model.config\n",
+        "model/tools/roofline.py": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    for package in ("harness", "analysis"):
+        (tmp_path / package).mkdir()
+    assert layering_violations(tmp_path) == [
+        "model.network.head imports model.training",
+        "model.network.head imports model.training.loop",
+        "model.training.loop imports model.tools",
+        "model.training.loop imports model.tools.bench",
+    ]
 
 
 def test_the_checks_find_a_cycle_through_a_function_import_and_a_private_import(tmp_path):

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from model.geometry import BevGrid
-from model.losses import (
+from model.network.reprojection import IGNORE, Reprojection, reproject
+from model.network.warp import warp_prev_to_current
+from model.training.losses import (
     NonFiniteLossError,
     bev_loss,
     check_finite,
@@ -20,8 +22,6 @@ from model.losses import (
     temporal_consistency_loss,
     weighted_sum,
 )
-from model.reprojection import IGNORE, Reprojection, reproject
-from model.warp import warp_prev_to_current
 
 GRID = BevGrid(-15.0, 15.0, -15.0, 15.0, 0.5)  # 60 x 60 square cells
 
@@ -174,9 +174,9 @@ def test_reprojection_bce_loss_rewards_any_channel_of_a_group():
 
 
 def test_reprojection_loss_gradients_reach_the_bev_queries_and_the_backbone():
-    from model.bench import synthetic_rig
-    from model.bevformer import BEVFormerSeg
+    from model.network.bevformer import BEVFormerSeg
     from model.presets import get_preset
+    from model.tools.bench_step import synthetic_rig
 
     torch.manual_seed(0)
     cfg = get_preset("nano", image_size=(64, 96))

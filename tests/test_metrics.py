@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from model.metrics import BEVFUSION_THRESHOLDS, ArgmaxIoU, BestThresholdIoU, make_metric
+from model.evaluation.metrics import BEVFUSION_THRESHOLDS, ArgmaxIoU, BestThresholdIoU, make_metric
 
 NAMES = ["background", "divider", "ped_crossing", "boundary"]
 

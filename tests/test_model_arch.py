@@ -8,9 +8,9 @@ import pytest
 import torch
 import torchvision
 
-from model.bevformer import BEVFormerSeg
-from model.encoder import gather_visible_queries, project_pillars
 from model.geometry import BevGrid
+from model.network.bevformer import BEVFormerSeg
+from model.network.encoder import gather_visible_queries, project_pillars
 from model.presets import OFFICIAL_Z_ANCHORS_M, ModelConfig, get_preset
 
 # 60 m x 30 m at 1 m: a 60 x 30 label grid; nano's 30 x 15 queries are 2 m x 2 m cells.
@@ -309,7 +309,7 @@ def test_pretrained_backbone_loads_from_a_local_file(tmp_path):
 
 def test_dcn_backbone_starts_as_its_plain_convolution_at_half_mask():
     torch.manual_seed(4)
-    from model.backbone import ModulatedDeformConv2d
+    from model.network.backbone import ModulatedDeformConv2d
 
     conv = torch.nn.Conv2d(8, 8, 3, padding=1, stride=2, bias=False)
     dcn = ModulatedDeformConv2d(conv)

@@ -1,11 +1,11 @@
-"""The bench's breakdown of a step by operation class (model.op_profile)."""
+"""The bench's breakdown of a step by operation class (model.tools.op_profile)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model.op_profile import breakdown_table, op_breakdown, op_class
+from model.tools.op_profile import breakdown_table, op_breakdown, op_class
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from model import objectives
-from model.bevformer import BEVFormerSeg
 from model.config import FinetuneConfig
-from model.forward import forward
+from model.evaluation.forward import forward
 from model.geometry import BevGrid
-from model.interface import BevModel
 from model.names import IGNORE
-from model.precision import autocast
+from model.network.bevformer import BEVFormerSeg
+from model.network.interface import BevModel
 from model.presets import get_preset
+from model.training.precision import autocast
 
 NANO = get_preset("nano", image_size=(48, 80))
 GRID = BevGrid(-30.0, 30.0, -15.0, 15.0, 1.0)
@@ -30,7 +30,7 @@ def _net() -> BEVFormerSeg:
 
 
 def _batch(batch: int = 2) -> dict:
-    from model.bench import synthetic_rig
+    from model.tools.bench_step import synthetic_rig
 
     gen = torch.Generator().manual_seed(1)
     h, w = NANO.image_size
@@ -114,8 +114,8 @@ def test_unlabelled_samples_of_a_mixed_batch_carry_no_bev_loss():
 
 
 def test_loading_a_trained_model_drops_the_training_only_heads(tmp_path):
-    from model.checkpoint import save_checkpoint
-    from model.train import load_model
+    from model.training.checkpoint import save_checkpoint
+    from model.training.train import load_model
 
     net = _net()
     path = tmp_path / "finetune.pt"

@@ -1,6 +1,6 @@
-"""Speed switches of model.precision: the training step they make is the float32 NCHW one.
+"""Speed switches of model.training.precision: the training step they make is the float32 NCHW one.
 
-The training comparisons run 20 steps of nano pretraining through ``model.loop.run_phase``
+The training comparisons run 20 steps of nano pretraining through ``model.training.loop.run_phase``
 with the switches of ``RuntimeConfig`` (the loop's ``prepare`` and ``make_optimizer``; history
 BEV in eval mode, reprojection + temporal loss; the lr schedule; gradient clipping) from the
 same weights on the same small synthetic batches, once per switch setting, and compare the
@@ -32,17 +32,18 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from model import names, precision
-from model.backbone import ResNetFPN
-from model.bench import synthetic_rig
-from model.bevformer import BEVFormerSeg
-from model.checkpoint import load_checkpoint
+from model import names
 from model.config import PretrainConfig, RuntimeConfig
 from model.geometry import BevGrid
-from model.loop import Phase, run_phase
-from model.precision import autocast, make_adamw, to_channels_last
+from model.network.backbone import ResNetFPN
+from model.network.bevformer import BEVFormerSeg
 from model.presets import ModelConfig, get_preset
-from model.train import effective_runtime, pin_threads
+from model.tools.bench_step import synthetic_rig
+from model.training import precision
+from model.training.checkpoint import load_checkpoint
+from model.training.loop import Phase, run_phase
+from model.training.precision import autocast, make_adamw, to_channels_last
+from model.training.train import effective_runtime, pin_threads
 
 CFG = get_preset("nano", image_size=(48, 80))
 GRID = BevGrid(resolution_m=1.0)  # 60 m x 30 m: a 60 x 30 label grid
@@ -281,7 +282,7 @@ def test_make_adamw_falls_back_to_foreach_without_a_fused_kernel(monkeypatch):
     assert opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]
 
 
-# --- the bench that measures them (python -m model.bench --compare) -------------------------
+# --- the bench that measures them (python -m model.tools.bench --compare) -------------------------
 
 
 @pytest.mark.parametrize(
@@ -293,7 +294,7 @@ def test_make_adamw_falls_back_to_foreach_without_a_fused_kernel(monkeypatch):
     ],
 )
 def test_bench_user_errors_exit_2_with_one_line_naming_the_argument(argv, message, capsys):
-    from model import bench
+    from model.tools import bench
 
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
@@ -304,7 +305,7 @@ def test_bench_user_errors_exit_2_with_one_line_naming_the_argument(argv, messag
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
 def test_bench_refuses_cuda_without_cuda(capsys):
-    from model import bench
+    from model.tools import bench
 
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--device", "cuda", "--compare"])
@@ -313,7 +314,7 @@ def test_bench_refuses_cuda_without_cuda(capsys):
 
 
 def test_bench_compares_each_switch_with_float32_and_fast_attention_with_all_switches_on():
-    from model.bench import compare_arms
+    from model.tools.bench_compare import compare_arms
 
     arms, comparisons = compare_arms(["triton"])
     off, everything = comparisons[0][1], comparisons[4][2]

@@ -8,7 +8,7 @@ import torch
 from nuscenes.utils.geometry_utils import view_points
 
 from model.geometry import BevGrid, invert_transform, scale_intrinsics, transform_from_pose
-from model.reprojection import (
+from model.network.reprojection import (
     GRID_CACHE,
     IGNORE,
     ground_xy_from_pixels,

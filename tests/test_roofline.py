@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.bevformer import BEVFormerSeg
 from model.geometry import BevGrid
+from model.network.bevformer import BEVFormerSeg
 from model.presets import get_preset
-from model.roofline import Roofline, conv_flops, conv_peak, count_flops
+from model.tools.roofline import Roofline, conv_flops, conv_peak, count_flops
 
 SHAPE = (2, 8, 6, 10)
 
@@ -66,7 +66,7 @@ def _number(pattern: str, text: str) -> float:
 
 
 def test_bench_compare_prints_the_floor_against_the_arms_it_timed(capsys):
-    from model import bench
+    from model.tools import bench, bench_step
 
     bench.main(
         ["--preset", "nano", "--device", "cpu", "--compare", "--batch", "1", "--steps", "1",
@@ -91,7 +91,7 @@ def test_bench_compare_prints_the_floor_against_the_arms_it_timed(capsys):
     # no-grad passes of the same net, neither one nor a double count.
     cfg, grid = get_preset("nano"), BevGrid(resolution_m=0.5)
     net = BEVFormerSeg(cfg, 4, grid)
-    batch = bench.make_batch(cfg, grid, 1, 4, "cpu")
+    batch = bench_step.make_batch(cfg, grid, 1, 4, "cpu")
     with torch.no_grad():
-        one_pass = count_flops(lambda: bench._bev_features(net, batch)) / 1e9
+        one_pass = count_flops(lambda: bench_step._bev_features(net, batch)) / 1e9
     assert 3.5 * one_pass < gflop < 4.5 * one_pass

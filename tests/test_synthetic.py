@@ -317,7 +317,7 @@ def _paint_points(root: Path, location: str) -> dict[str, tuple[np.ndarray, int]
 def test_painted_marks_file_lies_on_the_painted_pixels(synthetic_root):
     """maps/paint/<location>.json (the BEV labels' paint source): points inside every kind of
     mark project onto pixels of the mark's Vistas class (worn paint aside)."""
-    from model.data.synthetic.tables import PAINT_KINDS
+    from model.data.synthetic.maps import PAINT_KINDS
 
     nusc = _nusc(synthetic_root)
     hits: dict[str, list[np.ndarray]] = {kind: [] for kind in PAINT_KINDS}

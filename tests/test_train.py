@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.class_weights import pseudo_label_class_weights
 from model.config import (
     DataConfig,
     EpochReport,
@@ -21,17 +19,20 @@ from model.config import (
 )
 from model.data.alignment_stats import chance_miou as alignment_chance_miou
 from model.data.batching import make_loader
-from model.data.dataset import NuScenesBevDataset, split_scenes
+from model.data.dataset import NuScenesBevDataset
+from model.data.keyframes import split_scenes
 from model.data.labels import HDMAPNET_CLASSES, LabelConfig
 from model.data.subsets import label_subset
-from model.forward import evaluate
-from model.loop import lr_factor
-from model.losses import NonFiniteLossError
+from model.evaluation.forward import evaluate
 from model.names import IGNORE
+from model.network.reprojection import reproject
+from model.network.warp import rotate_ego_frame
 from model.presets import get_preset
-from model.reprojection import reproject
-from model.train import evaluate_checkpoint, finetune, load_model, pretrain
-from model.warp import rotate_ego_frame
+from model.training.checkpoint import load_checkpoint, save_checkpoint
+from model.training.class_weights import pseudo_label_class_weights
+from model.training.loop import lr_factor
+from model.training.losses import NonFiniteLossError
+from model.training.train import evaluate_checkpoint, finetune, load_model, pretrain
 
 # Small images keep a nano step around 0.2 s on one core.
 NANO = get_preset("nano", image_size=(48, 80))

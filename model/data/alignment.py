@@ -29,7 +29,7 @@ from model.cli import OneLineParser
 from model.data.alignment_stats import AlignmentMeter
 from model.geometry import BevGrid
 from model.names import MIOU, iou_name
-from model.reprojection import reprojection_grids
+from model.network.reprojection import reprojection_grids
 
 PROG = "python -m model.data.alignment"
 
@@ -38,7 +38,7 @@ PROG = "python -m model.data.alignment"
 
 
 def _pseudo_label_paths(dataset, labeler: str, protocol: str) -> list[list[Path]]:
-    from model.data.dataset import pseudo_label_path
+    from model.data.pseudo_sources import pseudo_label_path
 
     return [
         [pseudo_label_path(dataset.dataroot, labeler, protocol, p) for p in rec.image_paths]
@@ -49,7 +49,7 @@ def _pseudo_label_paths(dataset, labeler: str, protocol: str) -> list[list[Path]
 def _read_pseudo_labels(paths: list[Path], image_size: tuple[int, int]) -> torch.Tensor:
     import cv2
 
-    from model.data.dataset import read_image
+    from model.data.images import read_image
 
     height, width = image_size
     out = []
@@ -155,9 +155,11 @@ def _parser() -> OneLineParser:
 
 def _checked_inputs(parser: OneLineParser, args: argparse.Namespace):
     """Everything the run needs, checked before anything is written; exit 2 naming the flag."""
-    from model.data.dataset import index_split, pseudo_label_command, pseudo_label_path
     from model.data.errors import DataError
-    from model.data.labels import PSEUDO_LABEL_PROTOCOL, LabelConfig, check_source
+    from model.data.keyframes import index_split
+    from model.data.labels import PSEUDO_LABEL_PROTOCOL, LabelConfig
+    from model.data.pseudo_sources import pseudo_label_command, pseudo_label_path
+    from model.data.rasterise import check_source
 
     if min(args.image_size) < 16:
         parser.error(f"--image-size {' '.join(map(str, args.image_size))}: sides must be >= 16")
@@ -212,11 +214,12 @@ def score_checkpoint(
 ) -> dict[str, float]:
     """A pretraining head against the labels the flags describe: ``head_mIoU`` (all cells, as
     ``pretrain/val_mIoU``), ``head_reached_mIoU`` and ``head_perspective_mIoU``
-    (``model.diagnostics``), with the checkpoint's own grid, stride and history setting."""
-    from model.checkpoint import load_checkpoint
+    (``model.evaluation.diagnostics``), with the checkpoint's own grid, stride and history
+    setting."""
     from model.config import DataConfig, PretrainConfig, RuntimeConfig
-    from model.diagnostics import PREFIX, checkpoint_alignment
-    from model.train import evaluate_checkpoint
+    from model.evaluation.diagnostics import PREFIX, checkpoint_alignment
+    from model.training.checkpoint import load_checkpoint
+    from model.training.train import evaluate_checkpoint
 
     pre = PretrainConfig.model_validate(load_checkpoint(checkpoint)["phase_cfg"])
     data = DataConfig(

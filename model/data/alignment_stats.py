@@ -11,7 +11,7 @@ Pure functions over one batch, and a meter that pools them over a split:
   against the BEV labels with ``ArgmaxIoU``: what a head that reproduced the pseudo-labels
   exactly, and knew nothing else, would score; also on reached cells only;
 - perspective: BEV logits (the one-hot BEV labels, or a model's prediction) reprojected into
-  the images as the loss samples them (``model.reprojection``), argmax, scored against the
+  the images as the loss samples them (``model.network.reprojection``), argmax, scored against the
   pseudo-labels over the valid pixels;
 - chance: the expected mIoU of a uniformly random prediction on the same BEV labels
   (``chance_miou``), the level a head that learned nothing scores.
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.evaluation.metrics import HDMAPNET_EXCLUDED, ArgmaxIoU
 from model.geometry import BevGrid
-from model.metrics import HDMAPNET_EXCLUDED, ArgmaxIoU
 from model.names import MIOU
-from model.reprojection import (
+from model.network.reprojection import (
     IGNORE,
     ReprojectionGrids,
     reproject_bev_logits,

@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             generate_dataset(dataroot, scenes=4, samples_per_scene=10, seed=0, progress=False)
             print(f"generated synthetic dataroot {dataroot}")
         if args.pseudo_labels == "synthetic":
-            from model.data.pseudo_labels import run_synthetic
+            from model.data.simulated_labeler import run_synthetic
 
             run_synthetic(dataroot, args.version, progress=False)
         cache_dir = args.cache_dir or Path(tmp) / "cache"

@@ -2,8 +2,8 @@
 
 - ``oracle``, the positive control: the BEV labels of a label config reprojected into every
   camera with the reprojection loss's own geometry. Each pixel's ray
-  (``model.reprojection.reprojection_grids`` at stride 1 on the original image, pixel centres
-  at integer coordinates) meets the ground in one BEV cell (``model.data.alignment_stats.
+  (``model.network.reprojection.reprojection_grids`` at stride 1 on the original image, pixel
+  centres at integer coordinates) meets the ground in one BEV cell (``model.data.alignment_stats.
   ray_cells``: the cell holding the point where the loss samples the BEV), and the pixel gets
   that cell's class in perspective classes (``perspective_classes``). Pixels whose ray does not
   meet the ground in front of the camera, or meets it outside the grid, are IGNORE. It needs
@@ -38,14 +38,9 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from model.data.alignment_stats import ray_cells
-from model.data.dataset import (
-    SampleRecord,
-    dataset_fingerprint,
-    index_split,
-    read_image,
-    split_names,
-)
 from model.data.errors import MissingPseudoLabelsError
+from model.data.images import read_image
+from model.data.keyframes import SampleRecord, dataset_fingerprint, index_split, split_names
 from model.data.label_cache import (
     LabelCache,
     LabelJob,
@@ -54,7 +49,7 @@ from model.data.label_cache import (
     write_png,
 )
 from model.data.labels import PSEUDO_LABEL_PROTOCOL, LabelConfig, is_multilabel
-from model.data.pseudo_labels import ensure_synthetic, pseudo_channel_groups
+from model.data.pseudo_classes import pseudo_channel_groups
 from model.data.pseudo_sources import (
     MARKER,
     is_complete,
@@ -65,9 +60,10 @@ from model.data.pseudo_sources import (
     pseudo_label_path,
     shuffled_set,
 )
+from model.data.simulated_labeler import ensure_synthetic
 from model.geometry import BevGrid
 from model.names import IGNORE
-from model.reprojection import reprojection_grids
+from model.network.reprojection import reprojection_grids
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ import numpy as np
 from filelock import FileLock
 from tqdm import tqdm
 
-from model.data.labels import LabelConfig, pack_label, rasterise_bev_label, unpack_label
+from model.data.labels import LabelConfig, pack_label, unpack_label
+from model.data.rasterise import rasterise_bev_label
 
 log = logging.getLogger(__name__)
 

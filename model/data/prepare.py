@@ -54,14 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
 
-    from model.data.dataset import (
+    from model.data.errors import DataError
+    from model.data.keyframes import (
         check_dataroot,
         dataset_fingerprint,
         index_split,
         split_names,
         split_scenes,
     )
-    from model.data.errors import DataError
     from model.data.label_cache import LabelCache, LabelJob, default_cache_dir
     from model.data.labels import LabelConfig
     from model.geometry import BevGrid

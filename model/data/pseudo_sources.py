@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 LABELERS = ("synthetic", "mask2former")
 # labeler: the labeller's own labels; oracle, shuffled: the controls (model.data.controls).
 SOURCES = ("labeler", "oracle", "shuffled")
-NOISE_LEVELS = ("clean", "low", "medium", "high")  # model.data.pseudo_labels.Corruption.preset
+NOISE_LEVELS = ("clean", "low", "medium", "high")  # model.data.simulated_labeler.Corruption.preset
 DEFAULT_NOISE = "medium"
 MARKER = "source.json"  # beside a control's labels: how they were made, and whether completely
 
@@ -94,8 +95,8 @@ def pseudo_label_command(dataroot: Path, version: str, label_set: str, protocol:
     """How the files of a set are made (what a missing-files error tells the user)."""
     if label_set.startswith(("oracle-", "shuffled-")):
         return (
-            f"a training run that reads them (model.train.ensure_pseudo_labels writes {label_set} "
-            f"into {Path(dataroot) / 'pseudo_labels'} on first use)"
+            "a training run that reads them (model.training.train.ensure_pseudo_labels writes "
+            f"{label_set} into {Path(dataroot) / 'pseudo_labels'} on first use)"
         )
     labeler, _, noise = label_set.partition("-")
     command = (
@@ -115,3 +116,16 @@ def is_complete(marker: Path) -> bool:
         return bool(json.loads(Path(marker).read_text()).get("complete"))
     except (OSError, ValueError):
         return False
+
+
+@dataclass
+class LabelerReport:
+    """What a labelling run did."""
+
+    written: int
+    skipped: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0

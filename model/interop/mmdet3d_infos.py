@@ -202,7 +202,7 @@ def records_from_infos(info: InfoFile, dataroot: Path | str, version: str) -> li
     as ``index_split`` orders them; ``prev_index`` links a keyframe to its predecessor when that
     one is in the file too.
     """
-    from model.data.dataset import SampleRecord, check_dataroot, load_nuscenes
+    from model.data.keyframes import SampleRecord, check_dataroot, load_nuscenes
 
     root = check_dataroot(dataroot, version)
     nusc = load_nuscenes(str(root), version)
@@ -259,7 +259,8 @@ def dataset_from_infos(
     data, or a converter with other conventions, fails here instead of training on wrong
     geometry). Info files that hold only part of a scene's keyframes are refused.
     """
-    from model.data.dataset import NuScenesBevDataset, split_names, split_scenes
+    from model.data.dataset import NuScenesBevDataset
+    from model.data.keyframes import split_names, split_scenes
 
     info = read_info_file(info_path, dataroot)
     records = records_from_infos(info, dataroot, version)

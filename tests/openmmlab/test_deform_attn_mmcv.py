@@ -15,14 +15,14 @@ from mmcv.ops import MultiScaleDeformableAttention
 from mmcv.ops.multi_scale_deform_attn import multi_scale_deformable_attn_pytorch as mmcv_msda
 from official_reference import official_msda3d, official_tsa
 
-from model.deform_attn import (
+from model.network.deform_attn import (
     mmcv_available,
     multi_scale_deformable_attn,
     multi_scale_deformable_attn_pytorch,
     resolve_impl,
     triton_available,
 )
-from model.encoder import MSDeformableAttention3D, TemporalSelfAttention
+from model.network.encoder import MSDeformableAttention3D, TemporalSelfAttention
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = [(6, 9), (3, 5), (1, 3)]  # non-square levels, one a single row
@@ -86,7 +86,7 @@ TRITON_CHECK = textwrap.dedent(
     """
     import torch
     from mmcv.ops.multi_scale_deform_attn import multi_scale_deformable_attn_pytorch as mmcv_msda
-    from model.deform_attn import multi_scale_deformable_attn
+    from model.network.deform_attn import multi_scale_deformable_attn
     torch.manual_seed(0)
     shapes = [(6, 9), (3, 5), (1, 3)]
     value = torch.randn(2, sum(h * w for h, w in shapes), 2, 8)
@@ -102,7 +102,7 @@ TRITON_CHECK = textwrap.dedent(
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_kernel_matches_mmcv_fallback_in_the_interpreter():
-    # A subprocess: triton.jit reads TRITON_INTERPRET when model.deform_attn is imported.
+    # A subprocess: triton.jit reads TRITON_INTERPRET when model.network.deform_attn is imported.
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, env=env, timeout=600

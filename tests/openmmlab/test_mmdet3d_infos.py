@@ -13,7 +13,7 @@ import mmdet3d
 import numpy as np
 import pytest
 
-from model.data.dataset import index_split
+from model.data.keyframes import index_split
 from model.interop.mmdet3d_infos import (
     check_records_agree,
     dataset_from_infos,

@@ -18,13 +18,13 @@ from official_reference import (
     official_tsa,
 )
 
-from model.bevformer import BEVFormerSeg
 from model.geometry import CAMERAS, BevGrid
 from model.interop.official_weights import (
     CheckpointMismatchError,
     load_official_checkpoint,
     official_name_map,
 )
+from model.network.bevformer import BEVFormerSeg
 from model.presets import ModelConfig
 
 # Small, but with everything the map has to get right: two FPN inputs and an extra level,

@@ -17,9 +17,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from model.data.synthetic import render, tables
+from model.data.synthetic import maps, render, tables, texture
+from model.data.synthetic.markings import WHITE, YELLOW
 from model.data.synthetic.rig import camera_rig, ego_from_lidar
-from model.data.synthetic.world import WHITE, YELLOW, World, make_world
+from model.data.synthetic.world import World, make_world
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,8 @@ def _render_scene(job: _Job) -> tables.SceneInfo:
     args = job.args
     rig = camera_rig(args.image_size)
     rng = np.random.default_rng([args.seed, job.index, 1])
-    look = render.Look.draw(rng, wear=float(rng.uniform(0.0, 0.6)))
-    tex = render.GroundTexture(job.world, look, rng, texel_m(args.image_size))
+    look = texture.Look.draw(rng, wear=float(rng.uniform(0.0, 0.6)))
+    tex = texture.GroundTexture(job.world, look, rng, texel_m(args.image_size))
     sky = render.Skyline(rng)
     rays = [render.CameraRays(cam, tex.res_m, look) for cam in rig]
     lidar_pose = ego_from_lidar()
@@ -302,13 +303,13 @@ def generate_dataset(
         for loc in sorted(set(locations)):
             members = [(i, worlds[i]) for i in range(scenes) if locations[i] == loc]
             _write_json(
-                tmp / "maps" / "expansion" / f"{loc}.json", tables.map_json(loc, members, tok)
+                tmp / "maps" / "expansion" / f"{loc}.json", maps.map_json(loc, members, tok)
             )
             _write_json(
                 tmp / "maps" / "paint" / f"{loc}.json",
-                tables.paint_json(loc, [w for _, w in members]),
+                maps.paint_json(loc, [w for _, w in members]),
             )
-            img, res = tables.basemap([w for _, w in members])
+            img, res = maps.basemap([w for _, w in members])
             basemap_res[loc] = res
             cv2.imwrite(
                 str(tmp / "maps" / f"{tok('map', loc)}.png"),

@@ -65,7 +65,9 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path} is not a training checkpoint of model.train (no 'model' entry)")
+        raise ValueError(
+            f"{path} is not a training checkpoint of model.training.train (no 'model' entry)"
+        )
     if state.get("format", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} has checkpoint format {state['format']}, newer than this code")
     return state

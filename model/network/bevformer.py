@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.backbone import ResNetFPN
-from model.deform_attn import autocast_off
-from model.encoder import BEVFormerEncoder, flatten_features, interpolate_to
 from model.geometry import CAMERAS, BevGrid
+from model.network.backbone import ResNetFPN
+from model.network.deform_attn import autocast_off
+from model.network.encoder import BEVFormerEncoder, flatten_features, interpolate_to
+from model.network.warp import warp_prev_to_current
 from model.presets import ModelConfig
-from model.warp import warp_prev_to_current
 
 
 class ImageFeatures(NamedTuple):
@@ -60,7 +60,7 @@ class BevSegHead(nn.Module):
 
 
 class BEVFormerSeg(nn.Module):
-    """See the module docstring; implements ``model.interface.BevModel``."""
+    """See the module docstring; implements ``model.network.interface.BevModel``."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int, label_grid: BevGrid):
         super().__init__()
@@ -77,7 +77,7 @@ class BEVFormerSeg(nn.Module):
         self.cams_embeds = nn.Parameter(torch.empty(len(CAMERAS), dim))
         self.encoder = BEVFormerEncoder(cfg, label_grid)
         self.head = BevSegHead(dim, cfg.head_channels, num_classes, label_grid.shape)
-        self.aux = nn.ModuleDict()  # training-only heads of objectives (model.interface)
+        self.aux = nn.ModuleDict()  # training-only heads of objectives (model.network.interface)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -139,7 +139,7 @@ class BEVFormerSeg(nn.Module):
         )
         return {"bev_logits": self.decode(bev), "bev_features": bev}
 
-    # The three stages of ``forward``, public so that ``model.bench`` can time them.
+    # The three stages of ``forward``, public so that ``model.tools.bench`` can time them.
 
     def extract_features(self, images: torch.Tensor) -> ImageFeatures:
         """Backbone + FPN on the zero-padded images, flattened for deformable attention."""

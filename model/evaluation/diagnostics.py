@@ -30,12 +30,12 @@ from model.data.alignment_stats import (
     update_reached_iou,
 )
 from model.data.labels import is_multilabel
-from model.forward import EvalForward, to_device
-from model.loaders import label_config, make_dataset, make_loader, pseudo_label_set
-from model.loop import prepare
-from model.metrics import ArgmaxIoU
-from model.precision import autocast
-from model.reprojection import reprojection_grids
+from model.evaluation.forward import EvalForward, to_device
+from model.evaluation.metrics import ArgmaxIoU
+from model.network.reprojection import reprojection_grids
+from model.training.loaders import label_config, make_dataset, make_loader, pseudo_label_set
+from model.training.loop import prepare
+from model.training.precision import autocast
 
 PREFIX = names.ALIGN_PREFIX
 
@@ -46,7 +46,7 @@ def checkpoint_alignment(
     """``align/*`` metrics of a pretraining checkpoint over the val split, with the
     pretraining's own reprojection stride and history setting; ``{}`` for multi-label
     protocols."""
-    from model.train import ensure_pseudo_labels, load_model, resolve_device
+    from model.training.train import ensure_pseudo_labels, load_model, resolve_device
 
     if is_multilabel(data.protocol):
         return {}

@@ -1,7 +1,7 @@
 """Speed switches of the training step that leave the method as it is: bf16 autocast (CUDA, and
 CPUs with native bf16), fused AdamW, channels_last for the image backbone.
 
-Each one is a plain function the loop calls once; ``python -m model.bench --compare`` measures
+Each one is a plain function the loop calls once; ``python -m model.tools.bench --compare`` measures
 each against its off state on the machine at hand (docs/model.md has the numbers).
 
 - ``autocast``: bf16 mixed precision. Convolutions and matmuls run in bf16; what autocast keeps
@@ -135,7 +135,7 @@ def can_keep_freed_memory() -> bool:
 
 def keep_freed_memory(keep: bool = True) -> bool:
     """Keep freed heap memory mapped for reuse (``keep``), or set glibc's static defaults back
-    (128 KiB thresholds; ``model.bench --compare`` toggles it between blocks). Returns whether
+    (128 KiB thresholds; ``model.tools.bench --compare`` toggles it between blocks). Returns whether
     glibc took the setting (False on another C library, where it does nothing)."""
     libc = _glibc()
     if libc is None:

@@ -4,8 +4,8 @@ One forward, as BEVFormer runs it with its history queue of length 2: the previo
 outputs are computed without gradients with the model in eval mode (``history_pass``:
 ``obtain_history_bev`` in the official code), then the current keyframe runs with that history
 (``forward``). ``EvalForward`` is the same for a whole evaluation pass, reusing the history it
-already computed; ``evaluate`` turns a loader's batches into the metrics of ``model.metrics``.
-The model is any ``model.interface.BevModel``.
+already computed; ``evaluate`` turns a loader's batches into the metrics of
+``model.evaluation.metrics``. The model is any ``model.network.interface.BevModel``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import names
-from model.interface import BevModel
-from model.metrics import make_metric
-from model.precision import autocast
+from model.evaluation.metrics import make_metric
+from model.network.interface import BevModel
+from model.training.precision import autocast
 
 
 @contextlib.contextmanager
@@ -94,7 +94,7 @@ class EvalForward:
     without tokens) gets its history from ``history_pass`` as in training. The values are the same
     up to the convolutions' summation order for another batch composition (bit-identical on the
     CPUs measured); the backbone runs half as often, 1.8x per nano batch on a CPU
-    (``python -m model.bench --compare``).
+    (``python -m model.tools.bench --compare``).
     """
 
     def __init__(self, net: BevModel, amp, use_history: bool):
@@ -143,8 +143,8 @@ def evaluate(
     use_history: bool = True,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Metrics of ``net`` over every batch of ``loader`` (``model.metrics``: HDMapNet argmax
-    IoU for hdmapnet, best-threshold IoU for fine): ``{"mIoU", "IoU_<class>", ...}``. With
+    """Metrics of ``net`` over every batch of ``loader`` (``model.evaluation.metrics``: HDMapNet
+    argmax IoU for hdmapnet, best-threshold IoU for fine): ``{"mIoU", "IoU_<class>", ...}``. With
     ``use_history`` and batches that carry ``prev``, the history BEV is the previous
     keyframe's, as in training (``EvalForward``). ``bf16``: ``RuntimeConfig.bf16``."""
     device = torch.device(device)

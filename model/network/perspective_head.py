@@ -26,7 +26,7 @@ class PerspectiveHead(nn.Module):
         )
 
     def forward(self, features) -> torch.Tensor:
-        """``features``: ``model.bevformer.ImageFeatures`` (value (B, cams, S, D) with every
+        """``features``: ``model.network.bevformer.ImageFeatures`` (value (B, cams, S, D) with every
         level flattened row-major, ``spatial_shapes``, ``image_hw``, ``padded_hw``)."""
         batch, cams, _, dim = features.value.shape
         h, w = features.spatial_shapes[0]

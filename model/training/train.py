@@ -10,11 +10,11 @@
 precision, progress). The model is initialised from ``seed``, and fine-tuning draws its nested
 label subset with it (``model.data.subsets.label_subset``), so a seed pairs the two methods.
 
-Checkpoints (``model.checkpoint``): ``<out_dir>/pretrain.pt`` or ``<out_dir>/finetune.pt``,
+Checkpoints (``model.training.checkpoint``): ``<out_dir>/pretrain.pt`` or ``<out_dir>/finetune.pt``,
 rewritten atomically after every epoch; calling the same function again with the same
 ``out_dir`` resumes after the last finished epoch (or returns at once if all are done).
-The loop itself is ``model.loop``; class weights ``model.class_weights``; the loaders
-``model.loaders``; the checkpoint compatibility rules ``model.compat``.
+The loop itself is ``model.training.loop``; class weights ``model.training.class_weights``; the
+loaders ``model.training.loaders``; the checkpoint compatibility rules ``model.training.compat``.
 """
 
 from __future__ import annotations
@@ -28,14 +28,6 @@ from pathlib import Path
 import torch
 
 from model import names, objectives
-from model.bevformer import BEVFormerSeg
-from model.checkpoint import load_checkpoint
-from model.class_weights import (
-    balanced_class_weights,
-    pseudo_label_class_weights,
-    resolve_class_weights,
-)
-from model.compat import check_init, checkpoint_meta
 from model.config import (
     DataConfig,
     EpochReport,
@@ -46,22 +38,30 @@ from model.config import (
     RuntimeConfig,
 )
 from model.data.controls import ensure_label_set
-from model.data.dataset import index_split, split_scenes
+from model.data.keyframes import index_split, split_scenes
 from model.data.label_cache import default_cache_dir
 from model.data.labels import class_names
 from model.data.subsets import LabelSubset, label_subset
-from model.forward import evaluate
+from model.evaluation.forward import evaluate
 from model.geometry import BevGrid
-from model.interface import BevModel
-from model.loaders import label_config, make_dataset, train_loader, val_loader
-from model.loop import Phase, prepare, run_phase, schedule, seed_everything
-from model.precision import (
+from model.network.bevformer import BEVFormerSeg
+from model.network.interface import BevModel
+from model.presets import ModelConfig
+from model.training.checkpoint import load_checkpoint
+from model.training.class_weights import (
+    balanced_class_weights,
+    pseudo_label_class_weights,
+    resolve_class_weights,
+)
+from model.training.compat import check_init, checkpoint_meta
+from model.training.loaders import label_config, make_dataset, train_loader, val_loader
+from model.training.loop import Phase, prepare, run_phase, schedule, seed_everything
+from model.training.precision import (
     bf16_autocast_active,
     can_keep_freed_memory,
     fused_adamw_supported,
     keep_freed_memory,
 )
-from model.presets import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def labelled_subset(data: DataConfig, cfg: FinetuneConfig, seed: int) -> LabelSu
 
 
 def build_model(model: ModelConfig, num_classes: int, grid: BevGrid, seed: int) -> BevModel:
-    """The network ``model.architecture`` names (``model.interface.BevModel``), initialised
+    """The network ``model.architecture`` names (``model.network.interface.BevModel``), initialised
     from ``seed``."""
     torch.manual_seed(seed)
     if model.architecture == "bevformer":
@@ -137,7 +137,7 @@ def pseudo_label_weights(cfg: PhaseConfig, data: DataConfig, dataset) -> tuple[f
 
 
 def ensure_pseudo_labels(data: DataConfig, model: ModelConfig) -> str:
-    """The pseudo-label set ``data`` reads (``model.loaders.pseudo_label_set``). Simulated
+    """The pseudo-label set ``data`` reads (``model.training.loaders.pseudo_label_set``). Simulated
     ("synthetic") pseudo-labels and the controls (oracle, shuffled) are made on first use;
     Mask2Former ones must exist (``python -m model.data.pseudo_labels``)."""
     return ensure_label_set(
@@ -162,7 +162,7 @@ def pretrain(
     Returns the checkpoint path (``<out_dir>/pretrain.pt``); resumes from it when it exists.
     WSD (``cfg.optim.schedule``): ``stop_step`` ends the run early, at most at its decay start
     (a trunk segment); ``init_from`` starts it from such a checkpoint of the same config at
-    another length (the next segment, or this length's decay branch). See ``model.loop``.
+    another length (the next segment, or this length's decay branch). See ``model.training.loop``.
     """
     device = resolve_device(runtime.device)
     set_up_process(runtime)

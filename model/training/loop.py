@@ -44,15 +44,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import names, objectives
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.compat import check_resumable, check_trunk
 from model.config import EarlyStopping, EpochReport, OptimConfig, PhaseConfig, RuntimeConfig
-from model.forward import evaluate, forward, history_pass, preview, to_device
+from model.evaluation.forward import evaluate, forward, history_pass, preview, to_device
 from model.geometry import BevGrid
-from model.interface import BevModel
-from model.losses import NonFiniteLossError, check_finite, weighted_sum
-from model.precision import autocast, make_adamw, to_channels_last
-from model.warp import rotate_ego_frame
+from model.network.interface import BevModel
+from model.network.warp import rotate_ego_frame
+from model.training.checkpoint import load_checkpoint, save_checkpoint
+from model.training.compat import check_resumable, check_trunk
+from model.training.losses import NonFiniteLossError, check_finite, weighted_sum
+from model.training.precision import autocast, make_adamw, to_channels_last
 
 log = logging.getLogger(__name__)
 

@@ -126,9 +126,9 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
 class ResNetFPN(nn.Module):
     """(N, 3, H, W) images -> list of (N, D, h_l, w_l) features, finest level first.
 
-    With ``channels_last`` (set by ``model.precision.to_channels_last``, which also converts the
-    weights) the images enter in NHWC memory order and the features leave in it; shapes and
-    values are those of the NCHW network.
+    With ``channels_last`` (set by ``model.training.precision.to_channels_last``, which also
+    converts the weights) the images enter in NHWC memory order and the features leave in it;
+    shapes and values are those of the NCHW network.
     """
 
     channels_last: bool = False

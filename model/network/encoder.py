@@ -4,10 +4,10 @@ Follows fundamentalvision/BEVFormer (``modules/encoder.py``, ``temporal_self_att
 ``spatial_cross_attention.py``) with two deliberate corrections:
 
 - History alignment: the caller warps the previous BEV into the current ego frame with the real
-  ego motion (``model.warp``: rotation about the ego origin in metres, right for any grid), so
-  both the history and the current queries use the same reference points. The official code
-  rotates the history about a fixed pixel [100, 100] and shifts reference points instead, which
-  is only right for a 200 x 200 grid.
+  ego motion (``model.network.warp``: rotation about the ego origin in metres, right for any
+  grid), so both the history and the current queries use the same reference points. The
+  official code rotates the history about a fixed pixel [100, 100] and shifts reference points
+  instead, which is only right for a 200 x 200 grid.
 - Spatial cross-attention picks the visible queries per (sample, camera); the official code uses
   sample 0's visibility for the whole batch. A pillar anchor is visible when it lies in front of
   the camera and inside the real (unpadded) image.
@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.deform_attn import autocast_off, multi_scale_deformable_attn
 from model.geometry import BevGrid
+from model.network.deform_attn import autocast_off, multi_scale_deformable_attn
+from model.network.warp import ego_xy_of_cells
 from model.presets import ModelConfig
-from model.warp import ego_xy_of_cells
 
 _EPS_DEPTH_M = 1e-5
 

@@ -2,7 +2,7 @@
 
 The loop, the evaluation and the objectives call these and nothing else, so another BEV model
 (a LSS-style lifter, a simple_bev) plugs in by implementing them and adding one branch to
-``model.train.build_model`` (which dispatches on ``ModelConfig.architecture``).
+``model.training.train.build_model`` (which dispatches on ``ModelConfig.architecture``).
 
     features = net.extract_features(images)            # images (B, 6, 3, H, W)
     bev = net.encode(features, intrinsics, ego_from_cam,  # (B, N, D); with the previous
@@ -14,7 +14,7 @@ The loop, the evaluation and the objectives call these and nothing else, so anot
 
 ``aux`` holds the modules an objective adds for training only (the perspective head of
 ``model.objectives``); it is part of the checkpoint while training and dropped when a
-finished model is loaded for inference (``model.train.load_model``).
+finished model is loaded for inference (``model.training.train.load_model``).
 """
 
 from __future__ import annotations

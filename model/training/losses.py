@@ -1,7 +1,7 @@
 """Training losses: reprojection against pseudo-labels, temporal consistency, supervised BEV.
 
 - ``reprojection_loss``: per-pixel cross-entropy (or focal loss) between the BEV logits seen from
-  each camera (``model.reprojection``) and the perspective pseudo-labels, averaged over the
+  each camera (``model.network.reprojection``) and the perspective pseudo-labels, averaged over the
   valid pixels (ground hit inside the grid, label not ignored). For multi-label protocols
   ``reprojection_bce_loss`` compares groups of BEV channels with the coarser perspective classes.
 - ``temporal_consistency_loss``: KL(q || p) between the previous keyframe's prediction warped
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from model.geometry import BevGrid
-from model.reprojection import IGNORE, Reprojection, subsample_labels
-from model.warp import warp_prev_to_current
+from model.network.reprojection import IGNORE, Reprojection, subsample_labels
+from model.network.warp import warp_prev_to_current
 
 REPROJECTION_KINDS = ("ce", "focal")
 TEMPORAL_KINDS = ("kl", "mse")
@@ -100,7 +100,7 @@ def reprojection_bce_loss(
     pseudo_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-label protocols: perspective class k stands for the BEV channels
-    ``channel_groups[k]`` (empty for background; see ``model.data.pseudo_labels.PSEUDO_TO_BEV``).
+    ``channel_groups[k]`` (empty for background; see ``model.data.pseudo_classes.PSEUDO_TO_BEV``).
 
     For every non-empty group, P(group) = 1 - prod(1 - sigmoid(channel)) (noisy-OR: a lane
     marking pixel is some divider or a stop line, we do not know which) is trained with binary
@@ -146,7 +146,7 @@ def temporal_consistency_loss(
     """Current (B, C, H, W) logits vs the previous keyframe's, warped by ego motion.
 
     ``prev_ego_from_ego`` (B, 4, 4) maps the current ego frame into the previous one; the
-    previous prediction's probabilities are warped (``model.warp.warp_prev_to_current``) and
+    previous prediction's probabilities are warped (``model.network.warp.warp_prev_to_current``) and
     used as a fixed target where the warp is valid and ``has_prev`` (B,) is true.
     Softmax over classes (``multilabel=False``) or per-channel sigmoids (``multilabel=True``,
     each channel a Bernoulli KL). ``kind``: ``"kl"`` (default, see the module docstring) or

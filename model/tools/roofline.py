@@ -2,7 +2,7 @@
 
 A speed switch that keeps the arithmetic (memory layout, kernels, a fused optimizer) cannot make
 a step faster than the step's floating-point operations take at the device's best convolution
-rate; only lower precision (a higher peak) or fewer operations can. ``python -m model.bench
+rate; only lower precision (a higher peak) or fewer operations can. ``python -m model.tools.bench
 --compare`` prints that floor next to its ratios, so a user sees on their own machine how much of
 a speed-up target the hardware allows.
 

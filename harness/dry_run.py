@@ -1,0 +1,68 @@
+"""The dry run's output (`python -m harness.sweep SPEC --dry-run`): one row per trial, the
+pretraining runs they share, and the WSD pretraining plan."""
+
+from __future__ import annotations
+
+from harness.spec import Spec
+from harness.trials import Trial, pretrain_plan, short_value
+
+
+def plan_text(spec: Spec, trials: list[Trial]) -> str:
+    """The dry run's output: one row per trial and the pretraining runs they share."""
+    lines = [f"study {spec.study}: {spec.description}".rstrip(": ")]
+    if spec.optuna is not None:
+        optuna = spec.optuna
+        fixed = ", ".join(f"{path} {values[0]}" for path, values in spec.search.items())
+        lines.append(
+            f"Optuna search, {optuna.num_samples} trials (seed {optuna.seed}), method pretrained, "
+            f"seed {spec.seeds[0]}, finetune.budget {_budget(spec.finetune)}, "
+            f"scheduler {spec.scheduler.type}" + (f", {fixed}" if fixed else "")
+        )
+        for path, dist in optuna.params.items():
+            rng = dist.values if dist.type == "choice" else f"[{dist.low:g}, {dist.high:g}]"
+            lines.append(f"  {path} ~ {dist.type} {rng}")
+        lines.append(f"pretraining runs: up to {optuna.num_samples} (one per sampled setting)")
+        return "\n".join(lines)
+    resolved = [t.resolve(spec) for t in trials]
+    # Keys without the dataset fingerprint: the dry run does not generate the data.
+    keys = [r.pretrain_key("") for r in resolved]
+    index = {key: i + 1 for i, key in enumerate(dict.fromkeys(k for k in keys if k))}
+    axes = list(spec.search)
+    header = ("#", "method", *axes, "seed", "pretraining")
+    rows = [
+        (
+            str(i + 1),
+            r.trial.method,
+            *(short_value(dict(r.trial.overrides).get(path, "-")) for path in axes),
+            str(r.trial.seed),
+            f"P{index[key]}" if key else "-",
+        )
+        for i, (r, key) in enumerate(zip(resolved, keys, strict=True))
+    ]
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    shared = sum(1 for k in keys if k)
+    lines.append(
+        f"{_count(len(trials), 'trial')}; {_count(len(index), 'pretraining run')}, shared by "
+        f"{_count(shared, 'pretrained trial')}; pretrain.budget {_budget(spec.pretrain)}, "
+        f"finetune.budget {_budget(spec.finetune)}"
+    )
+    plan = pretrain_plan(resolved, "")
+    if plan.trunks:
+        unit, branches = spec.pretrain.budget.unit, "branch" if plan.branches == 1 else "branches"
+        lines.append(
+            f"pretraining plan: {_count(plan.runs, 'run')} from scratch, "
+            f"{_count(plan.trunks, 'wsd trunk')} with {plan.branches} {branches}; "
+            f"{plan.shared:g} {unit} of pretraining instead of {plan.alone:g} "
+            f"({plan.saved:g} {unit} saved)"
+        )
+    return "\n".join(lines)
+
+
+def _budget(cfg) -> str:
+    return f"{cfg.budget.value} {cfg.budget.unit}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
