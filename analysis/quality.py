@@ -6,8 +6,8 @@ fraction with several pseudo-label sources (the trials' ``pseudo_labels`` column
 fraction and at 100 %. For each source this module gives
 
 - its quality: ``align/perspective_mIoU`` of its pretrainings, the pseudo-labels against the
-  BEV labels reprojected into the cameras on val (model.diagnostics), the axis a real-data user
-  measures for their own labeller; with the splatted ceiling and the reach beside it;
+  BEV labels reprojected into the cameras on val (model.evaluation.diagnostics), the axis a
+  real-data user measures for their own labeller; with the splatted ceiling and the reach;
 - the paired gain of the pretrained arm over the reference at the same fraction (per seed,
   Student-t interval, verdict), and its difference to the reference at 100 % (the claim);
 
