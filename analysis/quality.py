@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.stats import CONFIDENCE, paired_differences, t_interval, verdict
+from analysis.stats import CONFIDENCE, cell_trials, paired_differences, t_interval, verdict
 from model import arms
 
 QUALITY = "perspective_mIoU"  # the x-axis: align/perspective_mIoU of the pretrainings
@@ -93,9 +93,7 @@ def quality_table(
         gain = paired_differences(trials, cell, (reference, fraction))
         vs_full = paired_differences(trials, cell, (reference, FULL))
         row = {"method": method, "variant": variant, "pseudo_labels": source, "n_seeds": len(gain)}
-        mine = trials[
-            (trials["variant"] == variant) & np.isclose(trials["label_fraction"], fraction)
-        ]
+        mine = cell_trials(trials, cell)
         runs = pd.DataFrame()
         if keys is not None:
             runs = keys.loc[keys.index.intersection(mine["pretrain_key"].dropna().unique())]
