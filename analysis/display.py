@@ -135,6 +135,44 @@ def verdicts_for_display(verdicts: pd.DataFrame, confidence: float = CONFIDENCE)
     )
 
 
+def sequential_for_display(table: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per comparison of a sequential study: the round it stopped at and why, its
+    seeds, the mean difference, the repeated CI (sequentially valid) and the verdict."""
+    if table is None or table.empty:
+        return pd.DataFrame()
+    rows = [
+        {
+            "cell": f"{r.variant}@{r.label_fraction}",
+            "vs": r.reference,
+            "stopped at round": f"{r.round} of {r.rounds}",
+            "seeds": r.n_seeds,
+            "mean difference": _signed(r.mean_diff),
+            "repeated CI (sequentially valid)": _interval(r.rci_low, r.rci_high),
+            "verdict": r.verdict,
+            "why": r.reason,
+        }
+        for r in table.itertuples()
+    ]
+    return pd.DataFrame(rows)
+
+
+def sequential_markdown(analysis: Analysis) -> str:
+    """verdicts.md's section for a sequential study (empty for a fixed-seed one)."""
+    if analysis.sequential is None:
+        return ""
+    table = sequential_for_display(analysis.sequential)
+    labels = [text for text in analysis.sequential["interval"] if text]
+    return (
+        "## Sequential verdicts (the study's): seeds ran in rounds\n\n"
+        "Each comparison stopped at the first round whose look decided it; its interval is the "
+        "repeated confidence interval of that round"
+        + (f" ({labels[0]})" if labels else "")
+        + ", valid wherever the rounds stopped. The fixed-n table below is not (its cells' "
+        "seeds were chosen by the rounds).\n\n"
+        + (markdown_table(table) if not table.empty else "Not computed.\n")
+    )
+
+
 def time_to_target_for_display(
     to_target: pd.DataFrame, reference: Cell, confidence: float = CONFIDENCE
 ) -> pd.DataFrame:
@@ -177,6 +215,9 @@ def verdicts_markdown(analysis: Analysis) -> str:
     """verdicts.md: the paired verdicts and the time-to-target table."""
     ref = f"{analysis.reference[0]}@{analysis.reference[1]}"
     parts = [f"# {analysis.study.experiment_name}: paired verdicts against {ref}\n"]
+    if analysis.sequential is not None:
+        parts.append(sequential_markdown(analysis))
+        parts.append("## Fixed-n paired t-intervals (for reference only: not sequentially valid)\n")
     verdicts = verdicts_for_display(analysis.verdicts, analysis.confidence)
     parts.append(markdown_table(verdicts) if not verdicts.empty else "Not computed.\n")
     parts.append(f"\n## Time to target mIoU {analysis.target:.4f} (ratio: to {ref}'s own time)\n")
@@ -255,6 +296,7 @@ def render_html(analysis: Analysis, figure_pngs: dict[str, Path]) -> str:
         "figures": figures,
         "savings_html": plain(savings),
         "verdicts_html": plain(verdicts),
+        "sequential_html": plain(sequential_for_display(analysis.sequential)),
         "time_to_target_html": plain(to_target),
         "reference": f"{analysis.reference[0]}@{analysis.reference[1]}",
         "target": analysis.target,

@@ -13,6 +13,7 @@ from analysis.alignment import alignment_table
 from analysis.load import AnalysisError, Study, analysed_trials
 from analysis.quality import Quality
 from analysis.savings import label_savings_table
+from analysis.sequential_study import design_of, sequential_verdicts
 from analysis.stats import CONFIDENCE, POWER, Cell, default_reference, paired_verdicts, summarise
 from analysis.target_time import time_to_target
 from model import arms
@@ -40,6 +41,9 @@ class Analysis:
     class_iou: pd.DataFrame
     alignment: pd.DataFrame  # target alignment of the pretraining runs (analysis.alignment)
     quality: Quality | None  # a pseudo-label quality study's table (analysis.quality)
+    # A sequential study's verdicts (analysis.sequential_study): the ones to report; None for
+    # a fixed-seed study.
+    sequential: pd.DataFrame | None
     confidence: float
     clock: str
     n_boot: int
@@ -91,9 +95,18 @@ def analyse(
             "pretrained trials"
         )
     quality = Quality.of(trials, study.alignment, confidence, n_boot, seed)
+    sequential = None
+    if (design := design_of(study.sweep)) is not None:
+        sequential = sequential_verdicts(trials, design[0], design[1] or reference)
+        notes.append(
+            "seeds ran in rounds (a group-sequential design): the sequential verdicts and their "
+            "repeated CIs are the study's; the fixed-n t-intervals are not valid after the rounds' "
+            "stopping and are shown for reference only"
+        )
     return Analysis(
         study=study,
         quality=quality,
+        sequential=sequential,
         trials=trials,
         epochs=epochs,
         summary=summarise(trials, confidence=confidence),

@@ -60,6 +60,7 @@ def write_report(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
         "class_iou.csv": analysis.class_iou,
         "alignment.csv": analysis.alignment,
         **({"quality.csv": analysis.quality.table} if analysis.quality is not None else {}),
+        **({"sequential.csv": analysis.sequential} if analysis.sequential is not None else {}),
     }
     for name, frame in csvs.items():
         frame.to_csv(out_dir / name, index=False)
@@ -81,6 +82,7 @@ LOGGED_FILES = (
     "class_iou.csv",
     "alignment.csv",
     "quality.csv",
+    "sequential.csv",
 )
 
 
@@ -98,7 +100,7 @@ def log_to_sweep_run(study: Study, out_dir: Path) -> str | None:
     run_id = study.sweep.run_id
     client.log_artifacts(run_id, str(out_dir / "figures"), "report/figures")
     for name in LOGGED_FILES:
-        if (out_dir / name).exists():  # quality.csv: quality studies only
+        if (out_dir / name).exists():  # quality.csv, sequential.csv: those studies only
             client.log_artifact(run_id, str(out_dir / name), "report")
     return run_id
 

@@ -277,7 +277,7 @@ def look(differences, design: SequentialDesign, round_index: int) -> Decision:
     t, verdict, low, high = _verdicts(
         np.array([mean]), np.array([sd]), n, bound, last, design.margin, futility
     )
-    kind = design.spending.replace("_", "-").replace("obrien", "O'Brien")
+    kind = {"obrien_fleming": "O'Brien-Fleming", "pocock": "Pocock"}[design.spending]
     label = (
         f"{1 - design.alpha:.0%} repeated CI, sequentially valid (Lan-DeMets {kind}-type, "
         f"round {round_index + 1} of {len(rounds)})"

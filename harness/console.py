@@ -254,6 +254,7 @@ def summary_text(experiment: str, tracking_uri: str, experiment_id: str) -> str:
     """Mean final val mIoU per method and label fraction, the paired verdicts against
     supervised at 100 % labels when there are at least two seeds, and the next commands."""
     from analysis.load import AnalysisError, analysed_trials, load_study
+    from analysis.sequential_study import design_of
     from analysis.stats import paired_verdicts, summarise
 
     lines = []
@@ -272,7 +273,10 @@ def summary_text(experiment: str, tracking_uri: str, experiment_id: str) -> str:
         ]
         lines.append("val mIoU, final epoch, mean over seeds:")
         lines.append(columns_text(rows))
-        if int(summary["n_seeds"].max()) >= 2:
+        design = design_of(study.sweep)
+        if design is not None:
+            lines += _sequential_lines(trials, design)
+        elif int(summary["n_seeds"].max()) >= 2:
             verdicts = paired_verdicts(trials)
             if not verdicts.empty:
                 rows = [("variant", "label_fraction", "vs", "paired diff [95% CI]", "verdict")]
@@ -296,6 +300,31 @@ def summary_text(experiment: str, tracking_uri: str, experiment_id: str) -> str:
     lines.append(f"report:    {report}")
     lines.append(f"MLflow UI: {ui_command(tracking_uri, experiment_id)}")
     return "\n".join(lines)
+
+
+def _sequential_lines(trials, design) -> list[str]:
+    """A sequential study's verdicts: the round each comparison stopped at, and its repeated
+    CI (valid wherever the rounds stopped)."""
+    from analysis.sequential_study import sequential_verdicts
+    from analysis.stats import default_reference
+
+    table = sequential_verdicts(trials, design[0], design[1] or default_reference(trials))
+    if table.empty:
+        return []
+    rows = [("variant", "label_fraction", "vs", "round", "seeds", "diff [repeated CI]", "verdict")]
+    rows += [
+        (
+            v.variant,
+            f"{v.label_fraction:g}",
+            v.reference,
+            f"{v.round} of {v.rounds}",
+            str(v.n_seeds),
+            f"{v.mean_diff:+.4f} [{v.rci_low:+.4f}, {v.rci_high:+.4f}]",
+            v.verdict,
+        )
+        for v in table.itertuples()
+    ]
+    return ["sequential verdicts (seeds in rounds; repeated CIs):", columns_text(rows)]
 
 
 def ui_command(tracking_uri: str, experiment_id: str) -> str:

@@ -260,6 +260,13 @@ class SweepOutcome:
         # Ray creates grid trials lazily: an interrupted sweep may not know all of them yet.
         return max(self.planned, len(self.statuses)) - self.finished - self.failed
 
+    def add(self, other: SweepOutcome) -> None:
+        """Count another round's trials in. Its clocks are the whole sweep's so far (`read`
+        sums every run under the sweep run), so they replace this one's."""
+        self.planned += other.planned
+        self.statuses.update(other.statuses)  # Tune's trial ids carry their experiment's id
+        self.core_wall_s, self.val_wall_s = other.core_wall_s, other.val_wall_s
+
     @classmethod
     def read(cls, planned: int, ray_path: Path, tracker: Tracker, sweep_run_id: str):
         from ray.tune import ExperimentAnalysis

@@ -15,7 +15,7 @@ def plan_text(spec: Spec, trials: list[Trial]) -> str:
         fixed = ", ".join(f"{path} {values[0]}" for path, values in spec.search.items())
         lines.append(
             f"Optuna search, {optuna.num_samples} trials (seed {optuna.seed}), method pretrained, "
-            f"seed {spec.seeds[0]}, finetune.budget {_budget(spec.finetune)}, "
+            f"seed {spec.seed_list[0]}, finetune.budget {_budget(spec.finetune)}, "
             f"scheduler {spec.scheduler.type}" + (f", {fixed}" if fixed else "")
         )
         for path, dist in optuna.params.items():
@@ -48,6 +48,8 @@ def plan_text(spec: Spec, trials: list[Trial]) -> str:
         f"{_count(shared, 'pretrained trial')}; pretrain.budget {_budget(spec.pretrain)}, "
         f"finetune.budget {_budget(spec.finetune)}"
     )
+    if spec.sequential is not None:
+        lines.append(_rounds_line(spec, trials))
     plan = pretrain_plan(resolved, "")
     if plan.trunks:
         unit, branches = spec.pretrain.budget.unit, "branch" if plan.branches == 1 else "branches"
@@ -58,6 +60,20 @@ def plan_text(spec: Spec, trials: list[Trial]) -> str:
             f"({plan.saved:g} {unit} saved)"
         )
     return "\n".join(lines)
+
+
+def _rounds_line(spec: Spec, trials: list[Trial]) -> str:
+    """What a sequential study runs: round 1 in full, later rounds only while undecided."""
+    seq, rounds = spec.sequential, spec.seed_rounds()
+    per_seed = len(trials) // len(spec.seed_list)
+    sizes = ", ".join(str(len(seeds)) for seeds in rounds)
+    return (
+        f"seeds in rounds of {sizes} (seeds 0..{seq.max - 1}; {seq.spending} spending, "
+        f"alpha {seq.alpha:g}{f', margin {seq.margin:g}' if seq.margin else ''}"
+        f"{', futility' if seq.futility else ''}): round 1 runs "
+        f"{_count(per_seed * len(rounds[0]), 'trial')}; each later round at most "
+        f"{per_seed} per seed, for the comparisons still open; at most {len(trials)} in all"
+    )
 
 
 def _budget(cfg) -> str:

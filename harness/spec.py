@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.spec_errors import SpecError, at, describe, reject_old_keys, unknown
 from model import arms, names
@@ -91,6 +100,68 @@ class ResourcesSection(_Section):
     gpu: Annotated[float, Field(ge=0, le=64, allow_inf_nan=False)] = 0.0
 
 
+class SequentialSeeds(_Section):
+    """Seeds in rounds with a group-sequential design (analysis.sequential): seeds 0, 1, ...
+    run `first` at once, then `step` more per round, `max` at most. After each round every
+    comparison with the reference cell (default: supervised at 100 % labels) is looked at
+    with boundaries from `spending` at two-sided level `alpha`; one that is decided (better,
+    worse, equivalent within `margin`, or with `futility` futile) runs no more seeds."""
+
+    first: Annotated[int, Field(ge=2, le=10_000)]
+    step: Annotated[int, Field(ge=1, le=10_000)] = 1
+    max: Annotated[int, Field(ge=2, le=10_000)]
+    alpha: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.05
+    spending: Literal["obrien_fleming", "pocock"] = "obrien_fleming"
+    futility: bool = False
+    margin: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    reference: str | None = None  # a cell VARIANT@FRACTION, e.g. supervised@1.0
+
+    @model_validator(mode="after")
+    def _rounds(self) -> SequentialSeeds:
+        if self.max < self.first:
+            raise at(("max",), f"must be >= first ({self.first}), got {self.max}")
+        if self.reference is not None:
+            variant, sep, fraction = self.reference.rpartition("@")
+            try:
+                value = float(fraction)
+            except ValueError:
+                value = -1.0
+            if not sep or not variant or not 0 < value <= 1:
+                raise at(
+                    ("reference",),
+                    f"{self.reference!r} is not VARIANT@FRACTION "
+                    "with 0 < FRACTION <= 1 (e.g. supervised@1.0)",
+                )
+        return self
+
+    def design(self):
+        """The analysis.sequential.SequentialDesign these settings describe."""
+        from analysis.sequential import SequentialDesign
+
+        return SequentialDesign(**self.model_dump(exclude={"reference"}))
+
+    def rounds(self) -> list[list[int]]:
+        """The seeds of each round: 0 .. first-1, then `step` more each, the last ending at max."""
+        ends = self.design().rounds()
+        return [list(range(start, end)) for start, end in zip((0, *ends), ends, strict=False)]
+
+
+class SeedRounds(_Section):
+    """`seeds: {sequential: {...}}`: the sweep decides how many seeds each comparison needs."""
+
+    sequential: SequentialSeeds
+
+
+def _seeds_kind(value: Any) -> str:
+    return "(rounds)" if isinstance(value, (dict, SeedRounds)) else "(list)"
+
+
+# `seeds`: a fixed list, or sequential rounds. The union's tags ("(list)", "(rounds)") are
+# dropped from the key paths of error messages (harness.spec_errors).
+SeedList = Annotated[list[int], Tag("(list)"), Field(min_length=1)]
+Seeds = Annotated[SeedList | Annotated[SeedRounds, Tag("(rounds)")], Discriminator(_seeds_kind)]
+
+
 class SchedulerSection(_Section):
     type: Literal["none", "asha"] = "none"
     grace_period: PositiveInt = 1  # fine-tuning epochs before ASHA may stop a trial
@@ -139,7 +210,8 @@ class Spec(_Section):
     # What a compute-matched arm gets on top of its budget: the optimiser steps of its twin's
     # whole pretraining, or that divided among the trials sharing it.
     compute_matched: Literal["whole", "amortised"] = "whole"
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    # A list of seeds, or `{sequential: {first, step, max, ...}}` (SequentialSeeds).
+    seeds: Seeds = Field(default_factory=lambda: [0])
     resources: ResourcesSection = ResourcesSection()
     scheduler: SchedulerSection = SchedulerSection()
     retries: Annotated[int, Field(ge=0, le=100)] = 1  # Ray Tune FailureConfig.max_failures
@@ -158,7 +230,9 @@ class Spec(_Section):
 
     @field_validator("methods", "seeds")
     @classmethod
-    def _unique(cls, values: list) -> list:
+    def _unique(cls, values: list | SeedRounds) -> list | SeedRounds:
+        if isinstance(values, SeedRounds):
+            return values
         duplicates = sorted({v for v in values if values.count(v) > 1}, key=str)
         if duplicates:
             raise ValueError(f"duplicate entries {duplicates}")
@@ -202,7 +276,7 @@ class Spec(_Section):
             if len(self.methods) != 1 or not arms.get(self.methods[0]).pretrains:
                 pretraining = ", ".join(a.name for a in arms.all_arms() if a.pretrains)
                 raise at(("methods",), f"an Optuna search needs methods: [{pretraining}]")
-            if len(self.seeds) != 1:
+            if len(self.seed_list) != 1 or self.sequential is not None:
                 raise at(("seeds",), "an Optuna search takes a single seed (grid seeds by study)")
             for path, values in self.search.items():
                 if len(values) != 1:
@@ -213,6 +287,8 @@ class Spec(_Section):
                     raise at(("search", path), f"sampled by optuna.params.{path} already")
                 probe = dist.values[0] if dist.type == "choice" else dist.low
                 _validate_override(base, path, probe, ("optuna", "params", path))
+        if self.scheduler.type == "asha" and self.sequential is not None:
+            raise at(("seeds", "sequential"), "compares finished trials; ASHA stops them early")
         if self.scheduler.type == "asha":
             if self.scheduler.grace_period > self.finetune.budget.value:
                 raise at(("scheduler", "grace_period"), "must be <= finetune.budget.value")
@@ -235,6 +311,21 @@ class Spec(_Section):
                     raise at(("exclude", i, key), f"not a search axis; allowed: {axes}")
                 if value not in allowed:
                     raise at(("exclude", i, key), f"{value!r} is none of its values {allowed}")
+
+    @property
+    def seed_list(self) -> list[int]:
+        """Every seed the study may run: the list, or 0 .. max-1 of sequential rounds."""
+        if isinstance(self.seeds, SeedRounds):
+            return list(range(self.seeds.sequential.max))
+        return list(self.seeds)
+
+    @property
+    def sequential(self) -> SequentialSeeds | None:
+        return self.seeds.sequential if isinstance(self.seeds, SeedRounds) else None
+
+    def seed_rounds(self) -> list[list[int]]:
+        """The seeds of each round; a fixed list is one round."""
+        return self.sequential.rounds() if self.sequential else [self.seed_list]
 
     @property
     def experiment(self) -> str:
@@ -324,7 +415,11 @@ def validate_spec(raw: dict, source: str = "<spec>") -> Spec:
     try:
         return Spec.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{source}: {describe(error, Spec)}" for error in exc.errors()]
+        errors = exc.errors()
+        # A misspelt key is one problem, not also "required key is missing" beside it.
+        misspelt = {e["loc"][:-1] for e in errors if e["type"] == "extra_forbidden"}
+        errors = [e for e in errors if not (e["type"] == "missing" and e["loc"][:-1] in misspelt)]
+        lines = [f"{source}: {describe(error, Spec)}" for error in errors]
         raise SpecError("\n".join(lines)) from None
 
 

@@ -55,8 +55,13 @@ def _format_loc(loc: Iterable) -> str:
     return text or "(top level)"
 
 
+def _is_union_tag(part: Any) -> bool:
+    """A tagged union's tag in an error's key path (`seeds.(rounds).sequential`): not a key."""
+    return isinstance(part, str) and part.startswith("(") and part.endswith(")")
+
+
 def describe(error: dict, root: type[BaseModel]) -> str:
-    loc = tuple(error["loc"])
+    loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
     kind = error["type"]
     value = error.get("input")
     ctx = error.get("ctx") or {}
@@ -122,8 +127,11 @@ def _unwrap(annotation: Any) -> Any:
         return _unwrap(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        models = [a for a in map(_unwrap, args) if isinstance(a, type) and issubclass(a, BaseModel)]
         if len(args) == 1:
             return _unwrap(args[0])
+        if len(models) == 1:  # `list[int] | SeedRounds`: the keys are the model's
+            return models[0]
     return annotation
 
 

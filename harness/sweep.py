@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import console
+from harness import console, rounds
 from harness.context import SweepContext
 from harness.driver import (
     STATE_FILE,
@@ -233,12 +233,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
         stop_like_ctrl_c()  # ray.init replaced the SIGTERM handler
         slots = trial_slots(spec, planned)
         tracker.set_tags(sweep_run_id, {"bev.ray_address": plan.address or "local"})
-        # Killed before Ray Tune saved its first state: the same experiment, started afresh
-        # (trials reopen their MLflow runs by tag).
-        restore = previous is not None and can_restore(ray_path)
-        tuner = build_tuner(spec, context, trials, ray_path, restore, args.loudness)
-        tuner.fit()
-        outcome = SweepOutcome.read(planned, ray_path, tracker, sweep_run_id)
+        outcome = run_rounds(spec, args, context, trials, ray_path, previous, tracker)
         complete = not outcome.unfinished
         status = "FAILED" if outcome.failed else "FINISHED" if complete else "KILLED"
     except Exception:
@@ -261,6 +256,82 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
         return EXIT_INTERRUPTED
     print(console.summary_text(spec.experiment, plan.tracking_uri, tracker.experiment_id))
     return EXIT_TRIALS_FAILED if outcome.failed else EXIT_OK
+
+
+def run_rounds(
+    spec: Spec,
+    args: argparse.Namespace,
+    context: SweepContext,
+    trials: list[Trial],
+    ray_path: Path,
+    previous: dict | None,
+    tracker: Tracker,
+) -> SweepOutcome:
+    """Run the sweep's rounds (a fixed seed list or an Optuna search is one round), each a Ray
+    Tune experiment of its trials, the first in `ray_path`. A round the state file records as
+    done is not run again; one recorded unfinished continues with its recorded trials. Stops
+    at a round that did not finish (interrupted, or a trial failed)."""
+    state_path = spec.storage_dir() / STATE_FILE
+    by_key = {t.key: t for t in trials}
+    recorded = (previous or {}).get("rounds", [])
+    done = [r for r in recorded if r.get("done")]
+    started = [r for r in recorded if not r.get("done")]
+    outcome = SweepOutcome(0)
+    for record in done:
+        path = Path(record["ray_path"])
+        outcome.add(SweepOutcome.read(record["planned"], path, tracker, context.sweep_run_id))
+    index, pending = len(done), None
+    while index < len(spec.seed_rounds()):
+        if started:
+            chosen = [by_key[key] for key in started.pop()["trials"] if key in by_key]
+        elif index == 0:
+            chosen = rounds.first_round(spec, trials)
+        else:
+            if pending is None:  # resumed between two rounds: the look is redone (same answer)
+                pending = rounds.look(spec, context.tracking_uri, trials, index - 1).next_trials
+            chosen = pending
+        if not chosen and spec.optuna is None:
+            break  # every comparison has stopped
+        path = rounds.ray_path_of(ray_path, index)
+        planned = spec.optuna.num_samples if spec.optuna else len(chosen)
+        record = {"round": index + 1, "seeds": sorted({t.seed for t in chosen}),
+                  "trials": [t.key for t in chosen], "planned": planned, "ray_path": str(path),
+                  "done": False}  # fmt: skip
+        update_state(state_path, rounds=[*done, record])
+        restore = previous is not None and path.exists() and can_restore(path)
+        build_tuner(spec, context, chosen, path, restore, args.loudness).fit()
+        result = SweepOutcome.read(planned, path, tracker, context.sweep_run_id)
+        outcome.add(result)
+        if result.unfinished or result.failed:
+            break
+        done.append(record | {"done": True})
+        update_state(state_path, rounds=done)
+        index += 1
+        if spec.sequential is not None:
+            look = rounds.look(spec, context.tracking_uri, trials, index - 1)
+            log_round(context, tracker, look, index, len(chosen), spec)
+            pending = look.next_trials
+    return outcome
+
+
+def log_round(
+    context: SweepContext,
+    tracker: Tracker,
+    look: rounds.Look,
+    number: int,
+    round_trials: int,
+    spec: Spec,
+) -> None:
+    """The sweep run's record of finished round `number` (the metrics' step): its trials, the
+    seeds so far, and the comparisons still open after the look."""
+    seeds = sum(len(s) for s in spec.seed_rounds()[:number])
+    metrics = {
+        "sweep/round_trials": round_trials,
+        "sweep/round_seeds": seeds,
+        "sweep/comparisons_open": look.open if look.next_trials else 0,
+    }
+    tracker.log_metrics(context.sweep_run_id, metrics, step=number)
+    log.info(rounds.summary(look, number - 1))
 
 
 def build_tuner(
@@ -359,7 +430,7 @@ def optuna_space(spec: Spec) -> dict:
             overrides[path] = tune.loguniform(dist.low, dist.high)
         else:
             overrides[path] = tune.choice(list(dist.values))
-    return {"method": spec.methods[0], "seed": spec.seeds[0], "overrides": overrides}
+    return {"method": spec.methods[0], "seed": spec.seed_list[0], "overrides": overrides}
 
 
 def _trial_name(trial) -> str:

@@ -115,6 +115,11 @@ def start_sweep_run(
         },
     )
     run_id = run.info.run_id
+    if spec.sequential is not None:  # what the report needs to redo the round decisions
+        from analysis.sequential_study import DESIGN_TAG, design_tag
+
+        tag = design_tag(spec.sequential.design(), spec.sequential.reference)
+        tracker.set_tags(run_id, {DESIGN_TAG: tag})
     tracker.log_params(run_id, flatten(spec.model_dump(mode="json")))
     tracker.log_text(run_id, Path(spec_path).read_text(), "spec.yaml")
     spec_json = {

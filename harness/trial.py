@@ -19,6 +19,7 @@ from typing import Any
 from harness import console, lifetime
 from harness.context import SweepContext, core_data, core_runtime, run_monitor
 from harness.pretraining import Pretraining, ensure_pretraining
+from harness.rounds import ROUND_TAG, round_of
 from harness.spec import stable_hash
 from harness.tracking import Tracker, error_text, flatten
 from harness.trials import ResolvedTrial, Trial
@@ -45,6 +46,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
             "bev.method": trial.method,
             "bev.label_fraction": f"{resolved.finetune.label_fraction:g}",
             "bev.seed": str(trial.seed),
+            ROUND_TAG: str(round_of(resolved.spec, trial.seed)),
             **context.source_tags,
         },
     )

@@ -177,7 +177,7 @@ def _axes_of(spec: Spec, method: str) -> dict[str, list]:
     """The search axes that change a method's trials: a `pretrain.*` axis does not when the
     arm does not pretrain, a pseudo-label axis does not when no phase of it reads them (one
     supervised trial per cell serves every pretraining variant)."""
-    reads = Trial(method, spec.seeds[0]).resolve(spec).needs_pseudo_labels
+    reads = Trial(method, spec.seed_list[0]).resolve(spec).needs_pseudo_labels
     return {
         path: values
         for path, values in spec.search.items()
@@ -204,7 +204,7 @@ def expand_trials(spec: Spec) -> list[Trial]:
         axes = _axes_of(spec, method)
         for combo in itertools.product(*axes.values()):
             overrides = tuple(sorted(zip(axes, combo, strict=True)))
-            trials.extend(Trial(method, seed, overrides) for seed in spec.seeds)
+            trials.extend(Trial(method, seed, overrides) for seed in spec.seed_list)
     trials = [trial for trial in trials if not _excluded(trial, spec.exclude)]
     fraction = dict(spec.search).get(names.LABEL_FRACTION)
 
@@ -217,7 +217,7 @@ def expand_trials(spec: Spec) -> list[Trial]:
 
 def needs_pseudo_labels(spec: Spec) -> bool:
     """Whether any arm of the spec reads pseudo-labels (the spec's values, no search axis)."""
-    return any(Trial(m, spec.seeds[0]).resolve(spec).needs_pseudo_labels for m in spec.methods)
+    return any(Trial(m, spec.seed_list[0]).resolve(spec).needs_pseudo_labels for m in spec.methods)
 
 
 def pseudo_label_specs(resolved: Iterable[ResolvedTrial]) -> list[Spec]:

@@ -105,13 +105,26 @@ def test_significance_level_approach_alone_is_liberal_with_few_seeds():
     assert rate > ALPHA
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a valid-level OBF design on 3, 5, 7, 9, 10 seeds loses about 3.8 points of power "
-    "(0.765 against 0.803): the price of estimating the sd at 2..9 df",
-)
-def test_power_is_within_3_points_of_the_fixed_design_at_max_seeds(with_effect):
-    assert with_effect.sequential.power >= with_effect.fixed.power - 0.03
+# The design experiments/label_fraction_sequential.yaml uses: three looks, at 4, 7 and 10 seeds.
+# Five looks at 3, 5, 7, 9, 10 (DESIGN above) save a little more under an effect but lose 3.8
+# points of power (0.765 against 0.804, the test below bounds it by 5): each extra look at few
+# seeds costs power, as the sd is estimated at 2..9 df.
+SHIPPED = SequentialDesign(first=4, step=3, max=10, alpha=ALPHA)
+
+
+def test_the_shipped_design_keeps_alpha_and_power_within_3_points_of_the_fixed_design():
+    effect = simulate(SHIPPED, EFFECT, SD, 200_000, seed=5)
+    null = simulate(SHIPPED, 0.0, SD, 200_000, seed=6)
+    print(
+        f"\nrounds {SHIPPED.rounds()}: no effect: any-round verdict sequential "
+        f"{null.sequential.rejection:.4f}, naive {null.naive.rejection:.4f}; effect {EFFECT}: "
+        f"power sequential {effect.sequential.power:.4f}, fixed {effect.fixed.power:.4f}; expected "
+        f"seeds {effect.sequential.expected_seeds:.2f} under the effect, "
+        f"{null.sequential.expected_seeds:.2f} under none"
+    )
+    assert null.sequential.rejection <= ALPHA < null.naive.rejection
+    assert effect.sequential.power >= effect.fixed.power - 0.03
+    assert effect.sequential.expected_seeds < SHIPPED.max
 
 
 def test_power_loss_against_the_fixed_design_stays_under_5_points(with_effect):
