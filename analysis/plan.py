@@ -31,9 +31,11 @@ from analysis.inputs import (
 )
 from analysis.load import AnalysisError, analysed_trials, load_study, resolve_tracking_uri
 from analysis.sequential import SequentialDesign, expected_seeds
+from analysis.sequential_study import sequential_verdicts
 from analysis.stats import (
     POWER,
     Cell,
+    cell_trials,
     default_reference,
     paired_verdicts,
     seeds_needed,
@@ -193,7 +195,31 @@ def main(argv: list[str] | None = None) -> int:
         f"alpha spending, two-sided {args.alpha:g}; analysis.sequential), by simulation:"
     )
     print(sequential_plan(table, design, args.effect))
+    print(
+        "\nOn this study's own seeds, taken in order, the design would have decided "
+        "(analysis.sequential_study):"
+    )
+    print(replay_text(trials, design, reference))
     return 0
+
+
+def replay_text(trials: pd.DataFrame, design: SequentialDesign, reference: Cell) -> str:
+    """What the sequential design decides on a finished study's seeds: per comparison the
+    round and seeds it stops at, its verdict and repeated CI; and the trials it would run."""
+    table = sequential_verdicts(trials, design, reference)
+    lines = [
+        f"  {r.variant}@{r.label_fraction}: {r.verdict} at round {r.round} of {r.rounds} "
+        f"({r.n_seeds} seeds), {r.mean_diff:+.4f} [{r.rci_low:+.4f}, {r.rci_high:+.4f}]"
+        for r in table.itertuples()
+    ]
+    used = int(table["n_seeds"].sum() + table["n_seeds"].max()) if not table.empty else 0
+    ran = len(cell_trials(trials, reference)) + sum(
+        len(cell_trials(trials, (r.variant, r.label_fraction))) for r in table.itertuples()
+    )
+    lines.append(
+        f"  trials: {used} of the study's {ran} (the reference runs to the last open round)"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,12 @@ def test_plan_cli_prints_the_expected_seeds_of_a_sequential_design(pilot, capsys
     # and a fixed design of the same power needs at least the sequential one's average.
     assert 3 < expected_effect < 10 and 9 < expected_null <= 10 and 50 < power < 100
     assert expected_effect < fixed <= 10
+    # And what the design decides on the pilot's own 3 seeds: |t| 3.46 against round 1's
+    # boundary of about 126, so both comparisons wait for round 2.
+    replay = out.split("On this study's own seeds", 1)[1]
+    assert "pretrained@0.5: continue at round 1 of 5 (3 seeds), +0.0400 [" in replay
+    assert "pretrained@0.25: continue at round 1 of 5 (3 seeds), -0.0300 [" in replay
+    assert "trials: 9 of the study's 9" in replay
 
 
 @pytest.mark.parametrize(

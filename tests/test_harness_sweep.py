@@ -109,10 +109,10 @@ def run_sweep(sweep: Sweep, *args: str, env: dict | None = None) -> subprocess.C
     return proc
 
 
-def start_sweep(sweep: Sweep, cwd: Path) -> subprocess.Popen:
+def start_sweep(sweep: Sweep, cwd: Path, *args: str) -> subprocess.Popen:
     """The sweep in the background, in its own process group (for a test to SIGKILL it)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "harness.sweep", str(sweep.spec_path)],
+        [sys.executable, "-m", "harness.sweep", str(sweep.spec_path), *args],
         cwd=cwd,
         env=sweep_env(),
         stdout=subprocess.DEVNULL,
