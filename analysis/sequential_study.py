@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pandas as pd
 
 from analysis.load import SweepInfo
 from analysis.sequential import SequentialDesign, look
-from analysis.stats import Cell, cell_trials, paired_differences, parse_cell
+from analysis.stats import Cell, compared_cells, paired_differences, parse_cell
 
 DESIGN_TAG = "bev.sequential"  # on the sweep run: the design and its reference, as JSON
 OPEN = "continue"  # the verdict of a comparison that needs the next round's seeds
@@ -113,14 +112,9 @@ def sequential_verdicts(
     waits for seeds), with the paired statistic, the boundary, the repeated CI and the reason.
     Empty when the reference cell has no trials."""
     rows = []
-    if not cell_trials(trials, reference).empty:
-        cells = trials.groupby(["method", "variant", "label_fraction"], observed=True).size()
-        for method, variant, fraction in cells.index:
-            if variant == reference[0] and np.isclose(fraction, reference[1]):
-                continue
-            cell = (variant, fraction)
-            diffs = paired_differences(trials, cell, reference, metric)
-            rows.append(_row(cell, method, reference, diffs, design))
+    for method, variant, fraction in compared_cells(trials, reference):
+        diffs = paired_differences(trials, (variant, fraction), reference, metric)
+        rows.append(_row((variant, fraction), method, reference, diffs, design))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

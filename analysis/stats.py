@@ -208,6 +208,19 @@ def paired_differences(
     return (mine[both] - theirs[both]).rename(f"{metric}_diff")
 
 
+def compared_cells(trials: pd.DataFrame, reference: Cell) -> list[tuple[str, str, float]]:
+    """(method, variant, label fraction) of every cell but `reference`, in the frame's order
+    of cells; none when the reference cell has no trials (nothing to pair with)."""
+    if cell_trials(trials, reference).empty:
+        return []
+    cells = trials.groupby(["method", "variant", "label_fraction"], observed=True).size()
+    return [
+        (method, variant, fraction)
+        for method, variant, fraction in cells.index
+        if not (variant == reference[0] and np.isclose(fraction, reference[1]))
+    ]
+
+
 def default_reference(frame: pd.DataFrame) -> Cell:
     return reference_variant(frame) or arms.reference().name, REFERENCE_FRACTION
 
@@ -228,33 +241,29 @@ def paired_verdicts(
     alpha = 1 - confidence. Empty when the reference cell has no trials."""
     reference = reference or default_reference(trials)
     rows = []
-    if not cell_trials(trials, reference).empty:
-        cells = trials.groupby(["method", "variant", "label_fraction"], observed=True).size()
-        for method, variant, fraction in cells.index:
-            if variant == reference[0] and np.isclose(fraction, reference[1]):
-                continue
-            diffs = paired_differences(trials, (variant, fraction), reference, metric)
-            mean, low, high = t_interval(diffs, confidence)
-            boot_low, boot_high = bootstrap_interval(diffs, confidence, n_boot, seed)
-            sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else math.nan
-            rows.append(
-                {
-                    "variant": variant,
-                    "method": method,
-                    "label_fraction": fraction,
-                    "reference": f"{reference[0]}@{reference[1]}",
-                    "n_seeds": len(diffs),
-                    "seeds": " ".join(str(s) for s in diffs.index),
-                    "diffs": " ".join(f"{d:+.4f}" for d in diffs),
-                    "mean_diff": mean,
-                    "sd_diff": sd,
-                    "t_low": low,
-                    "t_high": high,
-                    "boot_low": boot_low,
-                    "boot_high": boot_high,
-                    "verdict": verdict(low, high),
-                    "mde": min_detectable_effect(len(diffs), sd, power, 1 - confidence),
-                    "power": power,
-                }
-            )
+    for method, variant, fraction in compared_cells(trials, reference):
+        diffs = paired_differences(trials, (variant, fraction), reference, metric)
+        mean, low, high = t_interval(diffs, confidence)
+        boot_low, boot_high = bootstrap_interval(diffs, confidence, n_boot, seed)
+        sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else math.nan
+        rows.append(
+            {
+                "variant": variant,
+                "method": method,
+                "label_fraction": fraction,
+                "reference": f"{reference[0]}@{reference[1]}",
+                "n_seeds": len(diffs),
+                "seeds": " ".join(str(s) for s in diffs.index),
+                "diffs": " ".join(f"{d:+.4f}" for d in diffs),
+                "mean_diff": mean,
+                "sd_diff": sd,
+                "t_low": low,
+                "t_high": high,
+                "boot_low": boot_low,
+                "boot_high": boot_high,
+                "verdict": verdict(low, high),
+                "mde": min_detectable_effect(len(diffs), sd, power, 1 - confidence),
+                "power": power,
+            }
+        )
     return pd.DataFrame(rows)
