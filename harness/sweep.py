@@ -281,13 +281,15 @@ def run_rounds(
         path = Path(record["ray_path"])
         outcome.add(SweepOutcome.read(record["planned"], path, tracker, context.sweep_run_id))
     index, pending = len(done), None
+    if done and spec.sequential is not None and not done[-1].get("looked"):
+        pending = look_and_log(spec, context, trials, tracker, done)  # killed before its look
     while index < len(spec.seed_rounds()):
         if started:
             chosen = [by_key[key] for key in started.pop()["trials"] if key in by_key]
         elif index == 0:
             chosen = rounds.first_round(spec, trials)
         else:
-            if pending is None:  # resumed between two rounds: the look is redone (same answer)
+            if pending is None:  # resumed between two rounds: the look again (same answer)
                 pending = rounds.look(spec, context.tracking_uri, trials, index - 1).next_trials
             chosen = pending
         if not chosen and spec.optuna is None:
@@ -308,30 +310,28 @@ def run_rounds(
         update_state(state_path, rounds=done)
         index += 1
         if spec.sequential is not None:
-            look = rounds.look(spec, context.tracking_uri, trials, index - 1)
-            log_round(context, tracker, look, index, len(chosen), spec)
-            pending = look.next_trials
+            pending = look_and_log(spec, context, trials, tracker, done)
     return outcome
 
 
-def log_round(
-    context: SweepContext,
-    tracker: Tracker,
-    look: rounds.Look,
-    number: int,
-    round_trials: int,
-    spec: Spec,
-) -> None:
-    """The sweep run's record of finished round `number` (the metrics' step): its trials, the
-    seeds so far, and the comparisons still open after the look."""
-    seeds = sum(len(s) for s in spec.seed_rounds()[:number])
+def look_and_log(
+    spec: Spec, context: SweepContext, trials: list[Trial], tracker: Tracker, done: list[dict]
+) -> list[Trial]:
+    """The look after the last finished round, recorded on the sweep run (the round's number
+    is the metrics' step: its trials, the seeds so far, the comparisons still open) and marked
+    in the state file; returns the next round's trials."""
+    number = len(done)
+    look = rounds.look(spec, context.tracking_uri, trials, number - 1)
     metrics = {
-        "sweep/round_trials": round_trials,
-        "sweep/round_seeds": seeds,
+        "sweep/round_trials": len(done[-1]["trials"]),
+        "sweep/round_seeds": sum(len(s) for s in spec.seed_rounds()[:number]),
         "sweep/comparisons_open": look.open if look.next_trials else 0,
     }
     tracker.log_metrics(context.sweep_run_id, metrics, step=number)
     log.info(rounds.summary(look, number - 1))
+    done[-1]["looked"] = True
+    update_state(spec.storage_dir() / STATE_FILE, rounds=done)
+    return look.next_trials
 
 
 def build_tuner(
