@@ -117,6 +117,23 @@ def barrier() -> None:
         dist.barrier()
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: every process's output
+    depends on every process's input."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that trains on the statistics of the global batch across the processes, as
     ``torch.nn.SyncBatchNorm`` does on CUDA: per-channel sum, sum of squares and count are
@@ -128,12 +145,10 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         xf = x.float()
         count = torch.full((1,), xf.numel() / xf.shape[1], dtype=torch.float32, device=x.device)
         stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
-        stats = all_reduce(stats, op=dist.ReduceOp.SUM)
+        stats = _SumOverProcesses.apply(stats)
         channels = xf.shape[1]
         total = stats[-1]
         mean = stats[:channels] / total
@@ -198,10 +213,12 @@ def data_parallel(net: nn.Module, terms, device: torch.device):
         return terms
     from torch.nn.parallel import DistributedDataParallel
 
-    ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    ids = None
+    if device.type == "cuda":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
     module = DistributedDataParallel(
         _Objectives(net, terms),
-        device_ids=ids if device.type == "cuda" else None,
+        device_ids=ids,
         find_unused_parameters=True,
     )
     return module

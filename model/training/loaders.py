@@ -6,14 +6,13 @@ from collections.abc import Sequence
 
 from torch.utils.data import DataLoader, Subset
 
-from model.training import distributed
-
 from model.config import DataConfig
 from model.data.batching import make_loader
 from model.data.dataset import NuScenesBevDataset
 from model.data.labels import LabelConfig
 from model.data.pseudo_sources import label_set
 from model.presets import ModelConfig
+from model.training import distributed
 
 
 def label_config(data: DataConfig, model: ModelConfig) -> LabelConfig:

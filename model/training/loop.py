@@ -49,8 +49,8 @@ from model.evaluation.forward import evaluate, forward, history_pass, preview, t
 from model.geometry import BevGrid
 from model.network.interface import BevModel
 from model.network.warp import rotate_ego_frame
-from model.training.checkpoint import load_checkpoint, save_checkpoint
 from model.training import distributed
+from model.training.checkpoint import load_checkpoint, save_checkpoint
 from model.training.compat import check_resumable, check_trunk
 from model.training.losses import NonFiniteLossError, check_finite, weighted_sum
 from model.training.precision import autocast, make_adamw, to_channels_last
