@@ -196,3 +196,28 @@ def _pretrain_worker(config: dict) -> None:
     checkpoint = core.pretrain(**config["kwargs"], runtime=runtime, on_epoch=on_epoch)
     if tracker is not None and config["after"] is not None:
         config["after"](tracker, checkpoint)
+
+
+# --- the sweep's view ------------------------------------------------------------------------
+
+
+def check_cluster(spec: Spec, where: str) -> None:
+    """`check_placeable` against the connected Ray cluster (a local one was checked before
+    Ray started: `harness.preflight`)."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    check_placeable(spec, where, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0), "the cluster")
+
+
+def max_concurrent(spec: Spec) -> int | None:
+    """Tune's `max_concurrent_trials`: the spec's; for trials whose drivers hold nothing
+    (workers > 1), at most as many as the cluster can train at once, so that drivers do not
+    start jobs that only queue."""
+    if spec.resources.workers == 1:
+        return spec.max_concurrent
+    import ray
+
+    cluster = ray.cluster_resources()
+    slots = max(1, trials_at_once(spec.resources, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)))
+    return min(slots, spec.max_concurrent or slots)
