@@ -137,7 +137,11 @@ def _finished(tracker: Tracker, run_id: str, work: Path, checkpoint, seed: int,
 def _pretrain_on_workers(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker,
                          run_id: str, trunk, work: Path) -> Path:  # fmt: skip
     """The pretraining as a Ray Train job of the trial's workers (`harness.distributed`)."""
-    tracker.log_params(run_id, pretrain_params(resolved))
+    workers = resolved.spec.resources.workers
+    tracker.log_params(run_id, {
+        **pretrain_params(resolved), "resources.workers": workers,
+        "pretrain.global_batch_size": workers * resolved.pretrain.batch_size,
+    })  # fmt: skip
     try:
         return distributed.pretrain(
             resolved, context, run_id,
