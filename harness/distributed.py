@@ -148,56 +148,6 @@ def run_job(
     trainer.fit()
 
 
-# --- a pretraining (or a WSD trunk segment) on the trial's workers ---------------------------
-
-
-def pretrain(
-    resolved,
-    context,
-    run_id: str,
-    metrics_of: Callable,
-    after: Callable | None = None,
-    **core_kwargs,
-) -> Path:
-    """`model.training.train.pretrain(data, model, cfg, out_dir=..., seed=..., ...)` on the
-    trial's workers; rank 0 logs `metrics_of(report)` to `run_id` after every period and, at
-    the end, calls `after(tracker, checkpoint)`. `out_dir` must be readable by every worker
-    (the pretraining cache's work folder, in the study folder)."""
-    config = {
-        "resolved": resolved,
-        "context": context,
-        "run_id": run_id,
-        "metrics_of": metrics_of,
-        "after": after,
-        "kwargs": core_kwargs,
-    }
-    run_job(_pretrain_worker, config, resolved.spec, context.storage_dir, to_tune=False)
-    return Path(core_kwargs["out_dir"]) / "pretrain.pt"
-
-
-def _pretrain_worker(config: dict) -> None:
-    from harness import console, lifetime
-    from harness.context import core_runtime
-    from harness.tracking import Tracker
-    from model.training import train as core
-
-    lifetime.die_with_parent()
-    console.quiet_worker_loggers()
-    context, run_id = config["context"], config["run_id"]
-    tracker = Tracker(context.tracking_uri, context.experiment) if is_rank_zero() else None
-    runtime = worker_runtime(core_runtime(config["resolved"]))
-    if tracker is not None:
-        tracker.log_params(run_id, core.effective_runtime(runtime))
-
-    def on_epoch(report) -> None:
-        if tracker is not None:
-            tracker.log_metrics(run_id, config["metrics_of"](report), step=report.epoch)
-
-    checkpoint = core.pretrain(**config["kwargs"], runtime=runtime, on_epoch=on_epoch)
-    if tracker is not None and config["after"] is not None:
-        config["after"](tracker, checkpoint)
-
-
 # --- the sweep's view ------------------------------------------------------------------------
 
 

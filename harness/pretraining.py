@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import cache, distributed
+from harness import cache, pretrain_job
 from harness.context import (
     SweepContext,
     core_data,
@@ -143,7 +143,7 @@ def _pretrain_on_workers(resolved: ResolvedTrial, context: SweepContext, tracker
         "pretrain.global_batch_size": workers * resolved.pretrain.batch_size,
     })  # fmt: skip
     try:
-        return distributed.pretrain(
+        return pretrain_job.pretrain(
             resolved, context, run_id,
             metrics_of=functools.partial(pretrain_metrics, trunk=trunk),
             after=functools.partial(_log_alignment_on_worker, resolved=resolved, run_id=run_id,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from harness import cache, distributed
+from harness import cache, pretrain_job
 from harness.context import (
     SweepContext,
     TrunkState,
@@ -81,7 +81,7 @@ def ensure_trunk(resolved: ResolvedTrial, context: SweepContext, tracker: Tracke
                 )  # fmt: skip
                 if workers > 1:  # a Ray Train job of the trial's workers; rank 0 logs
                     metrics_of = functools.partial(_segment_metrics, offset=offset)
-                    checkpoint = distributed.pretrain(
+                    checkpoint = pretrain_job.pretrain(
                         resolved, context, run_id, metrics_of, **arguments
                     )
                 else:
