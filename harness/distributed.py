@@ -18,9 +18,11 @@ With `workers: 1` (the default) none of this runs: the trial trains in its own p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +102,32 @@ def worker_runtime(runtime):
     import ray.train.torch
 
     return runtime.model_copy(update={"device": str(ray.train.torch.get_device())})
+
+
+@contextlib.contextmanager
+def node_system_metrics(spec: Spec, tracking_uri: str, run_id: str):
+    """MLflow's system metrics of this worker's node into `run_id`, under
+    `system/<host>/...`, from the node's local rank 0 alone; nothing with
+    `mlflow.system_metrics: false`. (The trial's driver logs its own node's as `system/...`.)"""
+    import ray.train
+
+    if not spec.mlflow.system_metrics or ray.train.get_context().get_local_rank() != 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=spec.mlflow.system_metrics_interval_s,
+        resume_logging=True,
+        node_id=socket.gethostname(),
+        tracking_uri=tracking_uri,
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def work_dir(storage_dir: str | Path, phase: str) -> Path:

@@ -54,6 +54,8 @@ def _pretrain_worker(config: dict) -> None:
         if tracker is not None:
             tracker.log_metrics(run_id, config["metrics_of"](report), step=report.epoch)
 
-    checkpoint = core.pretrain(**config["kwargs"], runtime=runtime, on_epoch=on_epoch)
+    spec = config["resolved"].spec
+    with distributed.node_system_metrics(spec, context.tracking_uri, run_id):
+        checkpoint = core.pretrain(**config["kwargs"], runtime=runtime, on_epoch=on_epoch)
     if tracker is not None and config["after"] is not None:
         config["after"](tracker, checkpoint)

@@ -198,7 +198,8 @@ def _finetune_worker(config: dict) -> None:
     work.mkdir(parents=True, exist_ok=True)
     # Every rank reports (Ray Train waits for all); Tune takes rank 0's metrics. The phase's
     # checkpoint stays in `work`, where a restarted job finds it.
-    train_finetune(job, tracker, work, runtime, lambda metrics, _: ray.train.report(metrics))
+    with distributed.node_system_metrics(job.resolved.spec, context.tracking_uri, job.run_id):
+        train_finetune(job, tracker, work, runtime, lambda metrics, _: ray.train.report(metrics))
 
 
 # --- the core's arguments ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import pytest
 from test_harness_resilience import runs, start, wait_until
@@ -43,9 +44,13 @@ def _check_one_run_per_trial(sweep, trials: int) -> None:
 
 
 def test_a_sweep_of_two_worker_trials_logs_one_run_per_trial(tmp_path):
-    sweep = write_study(tmp_path, "dp", methods=["supervised", "pretrained"], **TWO_WORKERS)
+    monitored = {**TWO_WORKERS, "mlflow": {"system_metrics_interval_s": 1, "log_images": False}}
+    sweep = write_study(tmp_path, "dp", methods=["supervised", "pretrained"], **monitored)
     assert_ok(run_sweep(sweep, "--quiet"))
     _check_one_run_per_trial(sweep, trials=2)
+    for run in sweep.runs("trial"):  # the node's, from its local rank 0
+        node = f"system/{socket.gethostname()}/"
+        assert any(key.startswith(node) for key in run.data.metrics), sorted(run.data.metrics)
     (pretrain,) = sweep.runs("pretrain")
     assert pretrain.info.status == "FINISHED"
     assert pretrain.data.params["pretrain.global_batch_size"] == "2"
