@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 
+import psutil
 import pytest
 from test_harness_resilience import runs, start, wait_until
 from test_harness_sweep import _kill_group, assert_ok, run_sweep, write_study
@@ -84,3 +85,27 @@ def test_kill_9_mid_finetuning_then_resume_restarts_the_job_from_its_checkpoint(
     assert steps.count(1) == 1, "the resumed job started from its checkpoint, not from scratch"
     assert {status for _, status in runs(sweep)} == {"FINISHED"}
     assert not train.exists()  # the finished trial's work folder is removed
+
+
+def test_a_killed_worker_fails_the_trial_and_tunes_retry_finishes_it(tmp_path):
+    longer = {**TWO_WORKERS, "finetune": {"budget": {"value": 3}, "batch_size": 1}}
+    sweep = write_study(tmp_path, "dpfail", methods=["supervised"], retries=1, **longer)
+    proc = start(sweep, "--quiet")
+    try:
+        def first_epoch_logged() -> bool:
+            return any(sweep.history(run_id, "val/mIoU") for run_id, _ in runs(sweep, "trial"))
+
+        wait_until(proc, first_epoch_logged, "the first fine-tuning epoch")
+        workers = [p for p in psutil.process_iter(["cmdline"])
+                   if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+        assert len(workers) == 2
+        workers[-1].kill()  # one worker dies (SIGKILL), mid-phase
+        out, err = proc.communicate(timeout=600)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 0, err[-4000:]
+    assert list(sweep.storage.glob("ray/*/*/error.txt")), "the trial did not fail and retry"
+    (run,) = sweep.runs("trial")
+    assert run.info.status == "FINISHED" and "bev.error" not in run.data.tags
+    steps = [m.step for m in sweep.history(run.info.run_id, "val/mIoU")]
+    assert sorted(set(steps)) == [1, 2, 3] and steps.count(1) == 1
