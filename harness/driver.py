@@ -308,10 +308,10 @@ def trial_slots(spec: Spec, planned: int) -> int:
     """How many trials can run at once on the connected Ray cluster."""
     import ray
 
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    slots = max(1, int(cpus // spec.resources.cpu))
-    if spec.resources.gpu > 0:
-        slots = min(slots, max(1, int(ray.cluster_resources().get("GPU", 0) // spec.resources.gpu)))
+    from harness.distributed import trials_at_once
+
+    cluster = ray.cluster_resources()
+    slots = max(1, trials_at_once(spec.resources, cluster.get("CPU", 1.0), cluster.get("GPU", 0)))
     if spec.max_concurrent:
         slots = min(slots, spec.max_concurrent)
     return max(1, min(slots, planned or slots))

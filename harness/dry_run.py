@@ -3,6 +3,7 @@ pretraining runs they share, and the WSD pretraining plan."""
 
 from __future__ import annotations
 
+from harness.distributed import local_capacity, trial_devices, trials_at_once
 from harness.spec import Spec
 from harness.trials import Trial, pretrain_plan, short_value
 
@@ -50,6 +51,7 @@ def plan_text(spec: Spec, trials: list[Trial]) -> str:
     )
     if spec.sequential is not None:
         lines.append(_rounds_line(spec, trials))
+    lines.append(resources_line(spec))
     plan = pretrain_plan(resolved, "")
     if plan.trunks:
         unit, branches = spec.pretrain.budget.unit, "branch" if plan.branches == 1 else "branches"
@@ -73,6 +75,26 @@ def _rounds_line(spec: Spec, trials: list[Trial]) -> str:
         f"{', futility' if seq.futility else ''}): round 1 runs "
         f"{_count(per_seed * len(rounds[0]), 'trial')}; each later round at most "
         f"{per_seed} per seed, for the comparisons still open; at most {len(trials)} in all"
+    )
+
+
+def resources_line(spec: Spec) -> str:
+    """What one trial holds (its workers' devices) and how many run at once on this machine
+    (a cluster offers more: `ray status`)."""
+    res = spec.resources
+    cpus, gpus = trial_devices(res)
+    here_cpus, here_gpus = local_capacity()
+    at_once = trials_at_once(res, here_cpus, here_gpus)
+    if spec.max_concurrent:
+        at_once = min(at_once, spec.max_concurrent)
+    workers = (
+        f"{_count(res.workers, 'worker')} x (cpu {res.cpu:g}, gpu {res.gpu:g}) per trial"
+        if res.workers > 1
+        else f"one process per trial (cpu {res.cpu:g}, gpu {res.gpu:g})"
+    )
+    return (
+        f"resources: {workers}: {cpus:g} CPUs, {gpus:g} GPUs per trial; trials at once on "
+        f"this machine ({here_cpus:g} CPUs, {here_gpus:g} GPUs): {at_once}"
     )
 
 

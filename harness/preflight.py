@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from harness.distributed import check_placeable, local_capacity
 from harness.driver import STATE_FILE, load_state
 from harness.spec import Spec, SpecError
 from harness.tracking import check_artifact_location, resolve_ray_address, sqlite_uri
@@ -70,6 +71,8 @@ def plan_sweep(spec: Spec, spec_path: Path, resume: bool, uri_flag: str | None,
     else:
         where = f"{spec_path}: ray.address"
     check_address(address, where)
+    if not address:  # a cluster's size is known once connected (harness.distributed)
+        check_placeable(spec, str(spec_path), *local_capacity(), "this machine")
     return SweepPlan(previous, uri, address)
 
 

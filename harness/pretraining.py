@@ -3,11 +3,12 @@ retries and resumes), logged as its own MLflow run, and read back from the cache
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import cache
+from harness import cache, pretrain_job
 from harness.context import (
     SweepContext,
     core_data,
@@ -68,12 +69,15 @@ def ensure_pretraining(
             },
         )
         runtime = core_runtime(resolved)
+        spec = resolved.spec
+        if spec.resources.workers > 1:
+            checkpoint = _pretrain_on_workers(resolved, context, tracker, run_id, trunk, work)
+            return _finished(tracker, run_id, work, checkpoint, seed, params)
         tracker.log_params(run_id, {**params, **core.effective_runtime(runtime)})
 
         def on_epoch(report) -> None:
             tracker.log_metrics(run_id, pretrain_metrics(report, trunk), step=report.epoch)
 
-        spec = resolved.spec
         monitor = run_monitor(tracker, run_id, resolved)
         try:
             with monitor:
@@ -91,20 +95,7 @@ def ensure_pretraining(
         except Exception as exc:
             tracker.finish(run_id, "FAILED", error=error_text(exc))
             raise
-        # The run's last logged clock includes epochs logged before a crash and resume.
-        logged = tracker.client.get_run(run_id).data.metrics
-        tracker.finish(run_id, "FINISHED")
-        wall_s, gpu_s = logged.get(names.CUM_WALL_S, 0.0), logged.get(names.CUM_GPU_S, 0.0)
-        return {
-            "checkpoint": str(Path(checkpoint).resolve().relative_to(work.resolve())),
-            "wall_s": wall_s,
-            "gpu_s": gpu_s,
-            "shared_wall_s": logged.get(names.CUM_WALL_S + names.AMORTISED, wall_s),
-            "shared_gpu_s": logged.get(names.CUM_GPU_S + names.AMORTISED, gpu_s),
-            "run_id": run_id,
-            "seed": seed,
-            "params": params,
-        }
+        return _finished(tracker, run_id, work, checkpoint, seed, params)
 
     entry = cache.compute_once(
         Path(context.storage_dir) / "pretrain",
@@ -122,6 +113,53 @@ def ensure_pretraining(
         shared_wall_s=float(entry.meta.get("shared_wall_s", entry.meta["wall_s"])),
         shared_gpu_s=float(entry.meta.get("shared_gpu_s", entry.meta["gpu_s"])),
     )
+
+
+def _finished(tracker: Tracker, run_id: str, work: Path, checkpoint, seed: int,
+              params: dict) -> dict:  # fmt: skip
+    """Close the pretraining's run; its cache entry's metadata."""
+    # The run's last logged clock includes epochs logged before a crash and resume.
+    logged = tracker.client.get_run(run_id).data.metrics
+    tracker.finish(run_id, "FINISHED")
+    wall_s, gpu_s = logged.get(names.CUM_WALL_S, 0.0), logged.get(names.CUM_GPU_S, 0.0)
+    return {
+        "checkpoint": str(Path(checkpoint).resolve().relative_to(work.resolve())),
+        "wall_s": wall_s,
+        "gpu_s": gpu_s,
+        "shared_wall_s": logged.get(names.CUM_WALL_S + names.AMORTISED, wall_s),
+        "shared_gpu_s": logged.get(names.CUM_GPU_S + names.AMORTISED, gpu_s),
+        "run_id": run_id,
+        "seed": seed,
+        "params": params,
+    }
+
+
+def _pretrain_on_workers(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker,
+                         run_id: str, trunk, work: Path) -> Path:  # fmt: skip
+    """The pretraining as a Ray Train job of the trial's workers (`harness.distributed`)."""
+    workers = resolved.spec.resources.workers
+    tracker.log_params(run_id, {
+        **pretrain_params(resolved), "resources.workers": workers,
+        "pretrain.global_batch_size": workers * resolved.pretrain.batch_size,
+    })  # fmt: skip
+    try:
+        return pretrain_job.pretrain(
+            resolved, context, run_id,
+            metrics_of=functools.partial(pretrain_metrics, trunk=trunk),
+            after=functools.partial(_log_alignment_on_worker, resolved=resolved, run_id=run_id,
+                                    context=context),
+            data=core_data(resolved, context), model=resolved.spec.model.build(),
+            cfg=resolved.pretrain, out_dir=work / "train", seed=resolved.trial.seed,
+            init_from=trunk.checkpoint if trunk else None,
+        )  # fmt: skip
+    except Exception as exc:
+        tracker.finish(run_id, "FAILED", error=error_text(exc))
+        raise
+
+
+def _log_alignment_on_worker(tracker: Tracker, checkpoint, resolved: ResolvedTrial,
+                             run_id: str, context: SweepContext) -> None:  # fmt: skip
+    log_alignment(tracker, run_id, resolved, context, checkpoint)
 
 
 def log_alignment(

@@ -96,8 +96,11 @@ class OptunaSearch(_Section):
 
 
 class ResourcesSection(_Section):
+    # Per worker. With workers > 1 each trial is a Ray Train data-parallel job of that many
+    # workers (harness.distributed; docs/scaling.md); 1: the trial trains in its own process.
     cpu: Annotated[float, Field(gt=0, le=1024, allow_inf_nan=False)] = 1.0
     gpu: Annotated[float, Field(ge=0, le=64, allow_inf_nan=False)] = 0.0
+    workers: Annotated[int, Field(ge=1, le=4096)] = 1
 
 
 class SequentialSeeds(_Section):
@@ -252,6 +255,9 @@ class Spec(_Section):
 
     @model_validator(mode="after")
     def _search_rules(self) -> Spec:
+        if self.resources.gpu > 0 and self.runtime.device == "cpu":
+            what = "GPUs" if self.resources.workers > 1 else "GPU"
+            raise at(("runtime", "device"), f"'cpu' with resources.gpu > 0 wastes the {what}")
         base = self.model_dump(mode="json", exclude=set(GRID_KEYS))
         lengths = self.search.get(names.PRETRAIN_EPOCHS, [])
         if self.pretrain.optim.schedule == "wsd":  # the lengths of one trunk, shortest first
@@ -295,8 +301,6 @@ class Spec(_Section):
             for i, method in enumerate(self.methods):
                 if arms.get(method).matched_to is not None:
                     raise at(("methods", i), f"{method} runs longer than ASHA's max_t")
-        if self.resources.gpu > 0 and self.runtime.device == "cpu":
-            raise at(("runtime", "device"), "'cpu' with resources.gpu > 0 wastes the GPU")
         return self
 
     def _exclude_rules(self) -> None:

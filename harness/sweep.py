@@ -26,6 +26,7 @@ from pathlib import Path
 
 from harness import console, rounds
 from harness.context import SweepContext
+from harness.distributed import check_cluster, max_concurrent, trial_bundle
 from harness.driver import (
     STATE_FILE,
     SweepCallback,
@@ -231,6 +232,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
         )
         start_ray(plan.address)
         stop_like_ctrl_c()  # ray.init replaced the SIGTERM handler
+        check_cluster(spec, str(args.spec))
         slots = trial_slots(spec, planned)
         tracker.set_tags(sweep_run_id, {"bev.ray_address": plan.address or "local"})
         outcome = run_rounds(spec, args, context, trials, ray_path, previous, tracker)
@@ -346,8 +348,7 @@ def build_tuner(
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, context=context),
-        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+        tune.with_parameters(run_trial, context=context), trial_bundle(spec.resources)
     )
     if restore:
         # Finished trials are skipped, unfinished ones continue from their last checkpoint;
@@ -392,7 +393,7 @@ def build_tuner(
             scheduler=scheduler,
             search_alg=search_alg,
             num_samples=num_samples,
-            max_concurrent_trials=spec.max_concurrent,
+            max_concurrent_trials=max_concurrent(spec),
             reuse_actors=spec.ray.reuse_workers,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_dirname,

@@ -13,10 +13,12 @@ import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import console, lifetime
+from harness import console, distributed, lifetime
 from harness.context import SweepContext, core_data, core_runtime, run_monitor
 from harness.pretraining import Pretraining, ensure_pretraining
 from harness.rounds import ROUND_TAG, round_of
@@ -69,7 +71,7 @@ def _run(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker, run_i
 
     from model.training import train as core
 
-    data, model = core_data(resolved, context), resolved.spec.model.build()
+    data = core_data(resolved, context)
     runtime = core_runtime(resolved)
     pretraining = None
     if resolved.pretrain is not None:
@@ -81,60 +83,125 @@ def _run(resolved: ResolvedTrial, context: SweepContext, tracker: Tracker, run_i
     finetune_cfg = resolved.finetune
     if resolved.twin is not None:
         finetune_cfg = matched_finetune(resolved, data, context)
-    tracker.log_params(
-        run_id, {**trial_params(resolved, context, finetune_cfg), **core.effective_runtime(runtime)}
-    )
+    effective = core.effective_runtime(runtime) if resolved.spec.resources.workers == 1 else {}
+    tracker.log_params(run_id, {**trial_params(resolved, context, finetune_cfg), **effective})
     config = trial_config(resolved, context, pretraining, shares)
     tracker.log_json(run_id, config, "trial_config.json")
     subset = core.labelled_subset(data, finetune_cfg, resolved.trial.seed)
     log_datasets(tracker, run_id, resolved, context, subset.scenes)
 
+    job = FinetuneJob(resolved, context, run_id, pretraining, shares, finetune_cfg, subset)
+    if resolved.spec.resources.workers > 1:
+        work = distributed.work_dir(context.storage_dir, "finetune")
+        distributed.run_job(_finetune_worker, {"job": job, "work": str(work)},
+                            resolved.spec, context.storage_dir, to_tune=True)  # fmt: skip
+        shutil.rmtree(work, ignore_errors=True)
+        return
     work = Path(tempfile.mkdtemp(prefix="bev-trial-"))
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
             shutil.copytree(folder, work, dirs_exist_ok=True)
         log.info("trial %s resumes from its last checkpoint", resolved.name)
-    last: dict[str, Any] = {}
 
-    def on_epoch(report) -> None:
-        metrics = epoch_metrics(report, pretraining, shares)
-        tracker.log_metrics(run_id, metrics, step=report.epoch)
-        if "labelled_samples" not in last:
-            tracker.log_params(run_id, {names.LABELLED_SAMPLES: report.labelled_samples})
-        last.update(metrics=metrics, labelled_samples=report.labelled_samples)
-        if report.val:
-            # Written every evaluated epoch: a trial ASHA stops inside tune.report never returns.
-            log_per_class(tracker, run_id, report.val, report.epoch)
-        if report.stopped_early:  # the core's early stopping (ASHA's: the driver tags it)
-            tracker.set_tags(run_id, {"bev.stopped_early": "true"})
-        if report.preview is not None:
-            tracker.log_image(run_id, report.preview, key="bev_prediction", step=report.epoch)
-        tune_metrics = {"epoch": report.epoch, "epochs": report.epochs, **metrics}
-        with _checkpoint_dir(report.checkpoint) as folder:
+    def report(metrics: dict, checkpoint) -> None:
+        with _checkpoint_dir(checkpoint) as folder:
             checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
-            tune.report(tune_metrics, checkpoint=checkpoint)
+            tune.report(metrics, checkpoint=checkpoint)
 
     try:
-        result = core.finetune(
-            data,
-            model,
-            finetune_cfg,
-            out_dir=work,
-            seed=resolved.trial.seed,
-            init_checkpoint=pretraining.checkpoint if pretraining else None,
-            runtime=runtime,
-            on_epoch=on_epoch,
-            subset=subset,
-        )
-        tracker.log_params(run_id, {names.LABELLED_SAMPLES: result.labelled_samples})
-        if not last:  # resumed after its last epoch: nothing was reported in this attempt
-            log_per_class(tracker, run_id, result.val, result.epochs)
-        if resolved.spec.mlflow.log_checkpoint and result.checkpoint is not None:
-            where = tracker.log_artifact(run_id, result.checkpoint, "model")
-            tracker.set_tags(run_id, {"bev.model_artifact": where})
+        train_finetune(job, tracker, work, runtime, report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """What a trial's fine-tuning needs, in its process or on each of its workers."""
+
+    resolved: ResolvedTrial
+    context: SweepContext
+    run_id: str
+    pretraining: Pretraining | None
+    shares: int
+    finetune_cfg: Any
+    subset: Any
+
+
+def train_finetune(job: FinetuneJob, tracker: Tracker | None, work: Path, runtime,
+                   report: Callable[[dict, Any], None]) -> None:  # fmt: skip
+    """The core's fine-tuning of `job` into `work`, each epoch logged to the trial's run
+    (`tracker`; None on the workers of rank > 0, which log nothing) and `report`ed to Tune
+    with its checkpoint."""
+    from model.training import train as core
+
+    resolved, context, run_id = job.resolved, job.context, job.run_id
+    pretraining, shares = job.pretraining, job.shares
+    data, model = core_data(resolved, context), resolved.spec.model.build()
+    last: dict[str, Any] = {}
+
+    def on_epoch(report_) -> None:
+        metrics = epoch_metrics(report_, pretraining, shares)
+        if tracker is not None:
+            tracker.log_metrics(run_id, metrics, step=report_.epoch)
+            if "labelled_samples" not in last:
+                tracker.log_params(run_id, {names.LABELLED_SAMPLES: report_.labelled_samples})
+        last.update(metrics=metrics, labelled_samples=report_.labelled_samples)
+        if tracker is not None:
+            if report_.val:
+                # Written every evaluated epoch: a trial ASHA stops inside tune.report never
+                # returns.
+                log_per_class(tracker, run_id, report_.val, report_.epoch)
+            if report_.stopped_early:  # the core's early stopping (ASHA's: the driver tags it)
+                tracker.set_tags(run_id, {"bev.stopped_early": "true"})
+            if report_.preview is not None:
+                tracker.log_image(run_id, report_.preview, key="bev_prediction",
+                                  step=report_.epoch)  # fmt: skip
+        tune_metrics = {"epoch": report_.epoch, "epochs": report_.epochs, **metrics}
+        report(tune_metrics, report_.checkpoint)
+
+    result = core.finetune(
+        data,
+        model,
+        job.finetune_cfg,
+        out_dir=work,
+        seed=resolved.trial.seed,
+        init_checkpoint=pretraining.checkpoint if pretraining else None,
+        runtime=runtime,
+        on_epoch=on_epoch,
+        subset=job.subset,
+    )
+    if tracker is None:
+        return
+    tracker.log_params(run_id, {names.LABELLED_SAMPLES: result.labelled_samples})
+    if not last:  # resumed after its last epoch: nothing was reported in this attempt
+        log_per_class(tracker, run_id, result.val, result.epochs)
+    if resolved.spec.mlflow.log_checkpoint and result.checkpoint is not None:
+        where = tracker.log_artifact(run_id, result.checkpoint, "model")
+        tracker.set_tags(run_id, {"bev.model_artifact": where})
+
+
+def _finetune_worker(config: dict) -> None:
+    """One Ray Train worker of a trial's fine-tuning (`distributed.run_job`)."""
+    import ray.train
+
+    lifetime.die_with_parent()
+    console.quiet_worker_loggers()
+    job: FinetuneJob = config["job"]
+    rank_zero = distributed.is_rank_zero()
+    context = job.context
+    tracker = Tracker(context.tracking_uri, context.experiment) if rank_zero else None
+    runtime = distributed.worker_runtime(core_runtime(job.resolved))
+    if tracker is not None:  # what the switches do on a worker's device, not the driver's
+        from model.training.train import effective_runtime
+
+        tracker.log_params(job.run_id, effective_runtime(runtime))
+    work = Path(config["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    # Every rank reports (Ray Train waits for all); Tune takes rank 0's metrics. The phase's
+    # checkpoint stays in `work`, where a restarted job finds it.
+    with distributed.node_system_metrics(job.resolved.spec, context.tracking_uri, job.run_id):
+        train_finetune(job, tracker, work, runtime, lambda metrics, _: ray.train.report(metrics))
 
 
 # --- the core's arguments ----------------------------------------------------------------------
@@ -146,7 +213,7 @@ def matched_finetune(resolved: ResolvedTrial, data: DataConfig, context: SweepCo
     from model.training import train as core
 
     twin = resolved.twin
-    steps = core.planned_steps(data, twin.pretrain)
+    steps = core.planned_steps(data, twin.pretrain, resolved.spec.resources.workers)
     if resolved.spec.compute_matched == "amortised":
         key = twin.pretrain_key(context.dataset_fingerprint)
         steps = round(steps / max(1, context.pretrain_shares.get(key, 1)))
@@ -179,7 +246,24 @@ def trial_params(resolved: ResolvedTrial, context: SweepContext, finetune=None) 
         "trial_id": resolved.trial.key,
         "resources.cpu": spec.resources.cpu,
         "resources.gpu": spec.resources.gpu,
+        **distributed_params(resolved, finetune),
     }
+
+
+def distributed_params(resolved: ResolvedTrial, finetune=None) -> dict:
+    """A data-parallel trial's workers and global batches (the spec's batch sizes are per
+    worker, and the learning rate is not rescaled); nothing for a one-process trial."""
+    spec = resolved.spec
+    workers = spec.resources.workers
+    if workers == 1:
+        return {}
+    params = {
+        "resources.workers": workers,
+        "finetune.global_batch_size": workers * (finetune or resolved.finetune).batch_size,
+    }
+    if resolved.pretrain is not None:
+        params["pretrain.global_batch_size"] = workers * resolved.pretrain.batch_size
+    return params
 
 
 def trial_config(

@@ -9,9 +9,10 @@ longest one's decay start; each length then only adds its own decay (``harness.t
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from harness import cache
+from harness import cache, pretrain_job
 from harness.context import (
     SweepContext,
     TrunkState,
@@ -48,7 +49,10 @@ def ensure_trunk(resolved: ResolvedTrial, context: SweepContext, tracker: Tracke
         return pre.model_copy(update={"budget": pre.budget.model_copy(update={"value": value})})
 
     lengths = sorted({*context.wsd_trunks.get(trunk_key, []), mine})
-    stops = {n: pre.optim.decay_start(core.planned_steps(data, at_length(n))) for n in lengths}
+    workers = resolved.spec.resources.workers
+    stops = {
+        n: pre.optim.decay_start(core.planned_steps(data, at_length(n), workers)) for n in lengths
+    }
     runtime = core_runtime(resolved)
     params = {k: v for k, v in pretrain_params(resolved).items() if k != names.PRETRAIN_EPOCHS}
     previous: cache.CacheEntry | None = None
@@ -67,17 +71,21 @@ def ensure_trunk(resolved: ResolvedTrial, context: SweepContext, tracker: Tracke
             offset = (0.0, 0.0) if start_dir is None else _trunk_clocks(start_dir)
 
             def on_epoch(report) -> None:
-                metrics = pretrain_metrics(report)
-                metrics[names.CUM_WALL_S] += offset[0]
-                metrics[names.CUM_GPU_S] += offset[1]
-                tracker.log_metrics(run_id, metrics, step=report.epoch)
+                tracker.log_metrics(run_id, _segment_metrics(report, offset), step=report.epoch)
 
             try:
-                checkpoint = core.pretrain(
-                    data, model, at_length(length), out_dir=work / "train", seed=seed,
-                    runtime=runtime, on_epoch=on_epoch, stop_step=stop,
+                arguments = dict(
+                    data=data, model=model, cfg=at_length(length), out_dir=work / "train",
+                    seed=seed, stop_step=stop,
                     init_from=None if start_dir is None else _checkpoint(start_dir),
                 )  # fmt: skip
+                if workers > 1:  # a Ray Train job of the trial's workers; rank 0 logs
+                    metrics_of = functools.partial(_segment_metrics, offset=offset)
+                    checkpoint = pretrain_job.pretrain(
+                        resolved, context, run_id, metrics_of, **arguments
+                    )
+                else:
+                    checkpoint = core.pretrain(**arguments, runtime=runtime, on_epoch=on_epoch)
             except Exception as exc:
                 tracker.finish(run_id, "FAILED", error=error_text(exc))
                 raise
@@ -101,6 +109,14 @@ def ensure_trunk(resolved: ResolvedTrial, context: SweepContext, tracker: Tracke
             shared[i] += (total - before[i]) / users
         previous = entry
     return TrunkState(_checkpoint(previous), *whole, *shared)
+
+
+def _segment_metrics(report, offset: tuple[float, float]) -> dict[str, float]:
+    """A trunk segment's metrics, its clocks counting the segments before it."""
+    metrics = pretrain_metrics(report)
+    metrics[names.CUM_WALL_S] += offset[0]
+    metrics[names.CUM_GPU_S] += offset[1]
+    return metrics
 
 
 def _trunk_clocks(entry: cache.CacheEntry) -> tuple[float, float]:

@@ -247,6 +247,12 @@ CASES = [
     Case("sweep-key-renamed", f"{S} --set training.lr=1", "training.lr", "renamed"),
     Case("sweep-retries-negative", f"{S} --set retries=-1", "retries", ">= 0"),
     Case("sweep-cpu-zero", f"{S} --set resources.cpu=0", "resources.cpu", ">"),
+    Case("sweep-workers-zero", f"{S} --set resources.workers=0", "resources.workers", ">= 1"),
+    Case("sweep-workers-unplaceable", f"{S} --set resources.workers=4096",
+         "resources.workers", "4096 CPUs; this machine has"),  # fmt: skip
+    Case("sweep-workers-cpu-device-gpu",
+         f"{S} --set resources.workers=2 --set resources.gpu=1 --set runtime.device=cpu",
+         "runtime.device", "wastes the GPUs"),  # fmt: skip
     Case("sweep-fraction-1.5", f"{S} --set finetune.label_fraction=1.5", "label_fraction", "1"),
     Case("sweep-study-name", f"{S} --set 'study=a b'", "study", "'a b' is not allowed"),
     Case("sweep-search-axis-empty", f"{S} --set search.finetune.w_bev=[]", "search", "at least 1"),

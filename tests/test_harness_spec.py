@@ -278,6 +278,16 @@ def test_nuscenes_dataroot_that_does_not_exist_exits_2_before_creating_anything(
     assert not (tmp_path / "studies").exists()
 
 
+def test_dry_run_counts_what_a_data_parallel_trial_holds(tmp_path, capsys):
+    text = "resources: {cpu: 2, gpu: 1, workers: 8}\nruntime: {device: cuda}"
+    spec_path = write_spec(tmp_path, text)
+    assert main([str(spec_path), "--dry-run"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("resources: 8 workers x (cpu 2, gpu 1) per trial: 16 CPUs, 8 GPUs")
+    assert last.endswith(": 0")  # this machine has no 8 GPUs
+    assert not (tmp_path / "studies").exists()
+
+
 def test_console_entry_point_reports_a_bad_spec_with_exit_status_2(tmp_path):
     spec_path = write_spec(tmp_path, "model: {preset: huge}")
     proc = subprocess.run(
@@ -426,11 +436,12 @@ def test_dry_run_prints_one_row_per_trial_and_the_pretraining_count(tmp_path, ca
     out = capsys.readouterr().out.splitlines()
     header = out[1].split()
     assert header == ["#", "method", "finetune.label_fraction", "seed", "pretraining"]
-    rows = [line.split() for line in out[2:-1]]
+    rows = [line.split() for line in out[2:-2]]
     assert len(rows) == 8
     assert {r[1] for r in rows} == {"supervised", "pretrained"}
-    assert out[-1] == (
+    assert out[-2] == (
         "8 trials; 2 pretraining runs, shared by 4 pretrained trials; "
         "pretrain.budget 2 epochs, finetune.budget 2 epochs"
     )
+    assert out[-1].startswith("resources: one process per trial (cpu 1, gpu 0): 1 CPUs, 0 GPUs")
     assert not (tmp_path / "studies").exists()

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from model import names
 from model.evaluation.metrics import make_metric
 from model.network.interface import BevModel
+from model.training import distributed
 from model.training.precision import autocast
 
 
@@ -146,7 +147,8 @@ def evaluate(
     """Metrics of ``net`` over every batch of ``loader`` (``model.evaluation.metrics``: HDMapNet
     argmax IoU for hdmapnet, best-threshold IoU for fine): ``{"mIoU", "IoU_<class>", ...}``. With
     ``use_history`` and batches that carry ``prev``, the history BEV is the previous
-    keyframe's, as in training (``EvalForward``). ``bf16``: ``RuntimeConfig.bf16``."""
+    keyframe's, as in training (``EvalForward``). ``bf16``: ``RuntimeConfig.bf16``. With
+    several processes, each scores its share of the split and the counts are summed."""
     device = torch.device(device)
     amp = autocast(device, bf16)
     metric = make_metric(protocol)
@@ -155,6 +157,7 @@ def evaluate(
         for batch in tqdm(loader, desc="val", leave=False, disable=None if progress else True):
             out = run(to_device(batch, device))
             metric.update(out["bev_logits"].float(), batch["bev_label"])
+    distributed.sum_counts(metric.counts())  # each process scored its own val samples
     return metric.compute()
 
 

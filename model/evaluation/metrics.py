@@ -58,6 +58,10 @@ class ArgmaxIoU:
         counts = torch.bincount(index, minlength=num * num).reshape(num, num)
         self.confusion += counts.cpu()
 
+    def counts(self) -> list[torch.Tensor]:
+        """The accumulated counts, which sum over disjoint parts of a split."""
+        return [self.confusion]
+
     def compute(self) -> dict[str, float]:
         inter = self.confusion.diag().double()
         union = self.confusion.sum(0).double() + self.confusion.sum(1).double() - inter
@@ -98,6 +102,10 @@ class BestThresholdIoU:
             self.tp[:, t] += (pred & label).sum(1).cpu()
             self.fp[:, t] += (pred & ~label).sum(1).cpu()
             self.fn[:, t] += (~pred & label).sum(1).cpu()
+
+    def counts(self) -> list[torch.Tensor]:
+        """The accumulated counts, which sum over disjoint parts of a split."""
+        return [self.tp, self.fp, self.fn]
 
     def compute(self) -> dict[str, float]:
         denom = (self.tp + self.fp + self.fn).double()

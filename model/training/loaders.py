@@ -12,6 +12,7 @@ from model.data.dataset import NuScenesBevDataset
 from model.data.labels import LabelConfig
 from model.data.pseudo_sources import label_set
 from model.presets import ModelConfig
+from model.training import distributed
 
 
 def label_config(data: DataConfig, model: ModelConfig) -> LabelConfig:
@@ -61,19 +62,40 @@ def make_dataset(
 
 
 def train_loader(dataset, data: DataConfig, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled batches; the loop reseeds the loader's generator every epoch."""
-    return make_loader(
+    """Shuffled batches; the loop reseeds the loader's generator every epoch. With several
+    processes, this process's share of each pass (``distributed.ShardSampler``)."""
+    loader = make_loader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=data.num_workers, seed=seed
+    )
+    if not distributed.active():
+        return loader
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=distributed.ShardSampler(
+            loader.sampler, distributed.world_size(), distributed.rank()
+        ),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator,  # the one the sampler draws from: the loop reseeds it
+        persistent_workers=loader.persistent_workers,
+        prefetch_factor=loader.prefetch_factor,
     )
 
 
 def val_loader(
     data: DataConfig, model: ModelConfig, batch_size: int, use_history: bool
 ) -> DataLoader:
-    """The first ``max_val_samples`` keyframes of the val split, in order."""
+    """The first ``max_val_samples`` keyframes of the val split, in order; with several
+    processes, this process's contiguous run of them (``distributed.val_shard``)."""
     dataset = make_dataset(data, model, data.val_split, None, load_prev=use_history)
     if data.max_val_samples is not None and data.max_val_samples < len(dataset):
         dataset = Subset(dataset, range(data.max_val_samples))
+    if distributed.active():
+        dataset = Subset(dataset, distributed.val_shard(len(dataset)))
     return make_loader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=data.num_workers, seed=0
     )

@@ -49,6 +49,7 @@ from model.evaluation.forward import evaluate, forward, history_pass, preview, t
 from model.geometry import BevGrid
 from model.network.interface import BevModel
 from model.network.warp import rotate_ego_frame
+from model.training import distributed
 from model.training.checkpoint import load_checkpoint, save_checkpoint
 from model.training.compat import check_resumable, check_trunk
 from model.training.losses import NonFiniteLossError, check_finite, weighted_sum
@@ -151,12 +152,19 @@ def loss_terms(phase: Phase, batch: dict, amp) -> dict[str, torch.Tensor]:
 
 
 def train_step(
-    phase: Phase, batch: dict, optimizer: torch.optim.Optimizer, amp, where: str = ""
+    phase: Phase,
+    batch: dict,
+    optimizer: torch.optim.Optimizer,
+    amp,
+    where: str = "",
+    terms_of: Callable | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimiser step on ``batch`` (on the phase's device): the weighted sum of the
     objectives, backward, NaN/inf guard (one host sync), gradient clipping, AdamW. Returns the
-    total loss and the terms, detached from nothing (the caller sums them)."""
-    terms = loss_terms(phase, batch, amp)
+    total loss and the terms, detached from nothing (the caller sums them). ``terms_of(batch,
+    amp)``: the loss terms through ``distributed.data_parallel`` (gradients averaged over the
+    processes); default ``loss_terms`` of the phase."""
+    terms = terms_of(batch, amp) if terms_of else loss_terms(phase, batch, amp)
     loss = weighted_sum(terms, phase.weights)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -203,14 +211,18 @@ class Schedule:
         return max(1, math.ceil(self.total_steps / self.period_steps))
 
 
-def schedule(cfg: PhaseConfig, steps_per_pass: int, extra_steps: int = 0) -> Schedule:
+def schedule(
+    cfg: PhaseConfig, steps_per_pass: int, extra_steps: int = 0, workers: int = 1
+) -> Schedule:
     """The phase's steps: ``budget`` in epochs (passes over the loader), steps or samples,
-    plus ``extra_steps`` (the compute-matched arm). Epoch budgets report once per epoch."""
+    plus ``extra_steps`` (the compute-matched arm). Epoch budgets report once per epoch.
+    Steps are optimiser steps; with ``workers`` processes a step reads ``workers x
+    batch_size`` samples (a samples budget counts them all)."""
     budget = cfg.budget
     steps_per_pass = max(steps_per_pass, 1)
     if budget.unit == "epochs":
         return Schedule(budget.value * steps_per_pass + extra_steps, steps_per_pass)
-    per_step = 1 if budget.unit == "steps" else cfg.batch_size
+    per_step = 1 if budget.unit == "steps" else cfg.batch_size * workers
     total = math.ceil(budget.value / per_step) + extra_steps
     every = budget.every or math.ceil(budget.value / 10)
     return Schedule(total, max(1, math.ceil(every / per_step)))
@@ -278,9 +290,11 @@ class _Best:
 def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> list[EpochReport]:
     """Train the phase's budget, resuming from ``phase.checkpoint_path`` if it exists."""
     net, device, cfg, runtime = phase.net, phase.device, phase.cfg, phase.runtime
+    distributed.sync_batchnorm(net, device)
     prepare(net, device, runtime)
     optimizer = make_optimizer(net, cfg.optim, device, runtime.fused_adamw)
-    plan = schedule(cfg, len(phase.loader), phase.extra_steps)
+    workers = distributed.world_size()
+    plan = schedule(cfg, len(phase.loader), phase.extra_steps, workers)
     history: list[EpochReport] = []
     start, step, cum_wall_s, cum_gpu_s = 0, 0, 0.0, 0.0
     best = _Best()
@@ -311,6 +325,9 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
     batches.seek(step)
     amp = autocast(device, runtime.bf16)
     cuda = device.type == "cuda"
+    terms_of = distributed.data_parallel(
+        net, lambda batch, amp: loss_terms(phase, batch, amp), device
+    ) if workers > 1 else None  # fmt: skip
     miou_key = names.val_metric(phase.name, names.MIOU)
     for period in range(start + 1, plan.periods + 1):
         net.train()
@@ -336,7 +353,7 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
             if cfg.bev_aug_yaw_deg > 0:
                 batch = rotate_ego_frame(batch, phase.grid, cfg.bev_aug_yaw_deg)
             where = f"{phase.name} epoch {period} step {i + 1}"
-            loss, terms = train_step(phase, batch, optimizer, amp, where)
+            loss, terms = train_step(phase, batch, optimizer, amp, where, terms_of)
             step += 1
             bar.update()
             if cuda:
@@ -347,9 +364,11 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
         bar.close()
         if cuda:
             torch.cuda.synchronize(device)
-            cum_gpu_s += sum(a.elapsed_time(b) for a, b in events) / 1000.0
+            gpu_s = sum(a.elapsed_time(b) for a, b in events) / 1000.0
+            cum_gpu_s += distributed.sum_over_processes(gpu_s, device)  # every device's time
         epoch_wall_s = time.perf_counter() - started
         cum_wall_s += epoch_wall_s
+        sums = distributed.mean_over_processes(sums)  # the global batch's mean
         losses = {k: float(v) / max(n, 1) for k, v in sums.items()}
         val: dict[str, float] = {}
         val_start = time.perf_counter()
@@ -362,7 +381,7 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
                 best.update(period, val, miou_key, stopping.min_delta)
             image = (
                 preview(net, phase.val, device, runtime.bf16, cfg.use_history)
-                if phase.preview
+                if phase.preview and distributed.is_main()
                 else None
             )
         else:
@@ -387,22 +406,23 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
             preview=image,
         )
         history.append(report)
-        save_checkpoint(
-            phase.checkpoint_path,
-            {
-                "phase": phase.name,
-                "epoch": period,
-                "epochs": plan.periods,
-                "step": step,
-                "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "cum_wall_s": cum_wall_s,
-                "cum_gpu_s": cum_gpu_s,
-                "history": [r.to_dict() for r in history],
-                "best": dataclasses.asdict(best) if best.epoch else None,
-                **phase.meta,
-            },
-        )
+        if distributed.is_main():  # every process reads it; one writes it
+            save_checkpoint(
+                phase.checkpoint_path,
+                {
+                    "phase": phase.name,
+                    "epoch": period,
+                    "epochs": plan.periods,
+                    "step": step,
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "cum_wall_s": cum_wall_s,
+                    "cum_gpu_s": cum_gpu_s,
+                    "history": [r.to_dict() for r in history],
+                    "best": dataclasses.asdict(best) if best.epoch else None,
+                    **phase.meta,
+                },
+            )
         miou = val.get(miou_key)
         log.info(
             "%s %d/%d (%d steps): %s; val mIoU %s; %.1f s%s",

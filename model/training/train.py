@@ -291,12 +291,14 @@ def finetune(
     )
 
 
-def planned_steps(data: DataConfig, cfg: PhaseConfig) -> int:
+def planned_steps(data: DataConfig, cfg: PhaseConfig, workers: int = 1) -> int:
     """Optimiser steps a phase over the whole train split takes under ``cfg.budget`` (what a
-    pretraining costs, so the compute-matched supervised arm can be given as many)."""
+    pretraining costs, so the compute-matched supervised arm can be given as many), on
+    ``workers`` data-parallel processes (a step reads ``workers x batch_size`` samples)."""
     cache_dir = data.cache_dir or default_cache_dir()
     records = index_split(data.root, data.resolved_version, data.train_split, cache_dir=cache_dir)
-    return schedule(cfg, math.ceil(len(records) / cfg.batch_size)).total_steps
+    steps_per_pass = math.ceil(len(records) / (cfg.batch_size * workers))
+    return schedule(cfg, steps_per_pass, workers=workers).total_steps
 
 
 def load_model(checkpoint: Path | str, device: torch.device | str = "cpu") -> BevModel:
