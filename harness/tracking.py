@@ -25,6 +25,13 @@ from typing import Any
 
 # The run layout's tag names live with the rest of the study's vocabulary.
 from harness.spec_errors import SpecError
+from harness.study_view import (  # noqa: F401 (callers import the view's names from here)
+    EXPERIMENT_KIND,
+    study_note,
+    study_view_link,
+    study_view_tags,
+    study_view_url,
+)
 from model.names import (  # noqa: F401
     AMORTISED,
     CUM_WALL_S,
@@ -80,35 +87,6 @@ def resolve_ray_address(cli: str | None = None, spec: str | None = None) -> str 
 
 def sqlite_uri(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
-
-
-# The experiment page's saved view: MLflow's "share view" keeps the UI's state in an experiment
-# tag `mlflow.sharedViewState.<key>`, opened with `?viewStateShareKey=<key>`. Finished trial
-# runs only, grouped by `variant` (method@label_fraction: one row per cell, the mean of its
-# seeds), with the key params and val/mIoU as columns. docs/analysis.md shows it;
-# tests/test_mlflow_ui.py opens it in Chromium.
-STUDY_VIEW_KEY = "study"
-STUDY_VIEW = {
-    "searchFilter": f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'",
-    "selectedColumns": [
-        *(f"params.`{name}`" for name in (METHOD, LABEL_FRACTION, SEED, LABELLED_SAMPLES)),
-        *(f"metrics.`{name}`" for name in (VAL_MIOU, CUM_WALL_S + AMORTISED)),
-    ],
-    "groupBy": {
-        "aggregateFunction": "average",
-        "groupByKeys": [{"mode": "param", "groupByData": "variant"}],
-    },
-}
-
-
-def study_view_tags() -> dict[str, str]:
-    """The experiment tag that saves STUDY_VIEW."""
-    return {f"mlflow.sharedViewState.{STUDY_VIEW_KEY}": json.dumps(STUDY_VIEW)}
-
-
-def study_view_url(ui_url: str, experiment_id: str) -> str:
-    page = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
-    return f"{page}?viewStateShareKey={STUDY_VIEW_KEY}"
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -243,12 +221,15 @@ class Tracker:
             if not create:
                 raise LookupError(f"no experiment {experiment!r} in {tracking_uri}")
             # A training study, not a GenAI one: the UI opens on runs, not on traces.
-            tags = {"mlflow.experimentKind": "custom_model_development", **study_view_tags()}
-            if description:
-                tags["mlflow.note.content"] = description
+            tags = {**EXPERIMENT_KIND, **study_view_tags()}
             try:
                 self.experiment_id = self.client.create_experiment(
                     experiment, artifact_location=artifact_location, tags=tags
+                )
+                self.client.set_experiment_tag(
+                    self.experiment_id,
+                    "mlflow.note.content",
+                    study_note(description, self.experiment_id),
                 )
             except Exception:  # created meanwhile by a concurrent sweep or trial
                 found = self.client.get_experiment_by_name(experiment)
@@ -259,10 +240,22 @@ class Tracker:
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
             self.experiment_id = found.experiment_id
-            for key, value in study_view_tags().items():  # experiments older than the view
-                if create and key not in found.tags:
-                    self.client.set_experiment_tag(self.experiment_id, key, value)
+            if create:
+                self._upgrade(found.tags)
         self.experiment = experiment
+
+    def _upgrade(self, tags: Mapping[str, str]) -> None:
+        """An experiment older than the view, the kind or the note's link gets them; a view
+        of an older layout is replaced (a user's own views have other keys)."""
+        wanted = {**EXPERIMENT_KIND, **study_view_tags()}
+        for key, value in wanted.items():
+            if tags.get(key) != value:
+                self.client.set_experiment_tag(self.experiment_id, key, value)
+        note = tags.get("mlflow.note.content")
+        if note is None or study_view_link(self.experiment_id) not in note:
+            self.client.set_experiment_tag(
+                self.experiment_id, "mlflow.note.content", study_note(note, self.experiment_id)
+            )
 
     # finding and opening
 

@@ -24,7 +24,7 @@ from harness.pretraining import Pretraining, ensure_pretraining
 from harness.rounds import ROUND_TAG, round_of
 from harness.spec import stable_hash
 from harness.tracking import Tracker, error_text, flatten
-from harness.trials import ResolvedTrial, Trial
+from harness.trials import ResolvedTrial, Trial, fraction_text
 from model import names
 from model.config import DataConfig
 from model.names import PARENT, PRETRAIN_KEY, ROLE, TRIAL_ID
@@ -46,7 +46,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
         tags={
             names.STUDY: context.study,
             "bev.method": trial.method,
-            "bev.label_fraction": f"{resolved.finetune.label_fraction:g}",
+            "bev.label_fraction": fraction_text(resolved.finetune.label_fraction),
             "bev.seed": str(trial.seed),
             ROUND_TAG: str(round_of(resolved.spec, trial.seed)),
             **context.source_tags,
@@ -335,7 +335,7 @@ def log_datasets(
     )  # fmt: skip
     tracker.log_dataset(
         run_id,
-        f"{base}-labels@{resolved.finetune.label_fraction:g}-s{resolved.trial.seed}",
+        f"{base}-labels@{fraction_text(resolved.finetune.label_fraction)}-s{resolved.trial.seed}",
         stable_hash({"dataset": fingerprint, "scenes": scenes}),
         root,
         {"scenes": scenes, "fraction": resolved.finetune.label_fraction},

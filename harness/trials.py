@@ -111,7 +111,7 @@ class ResolvedTrial:
     @property
     def variant(self) -> str:
         """The trial's arm and cell, e.g. `pretrained@0.5` (the MLflow param `variant`)."""
-        return f"{self.trial.method}@{self.finetune.label_fraction:g}"
+        return f"{self.trial.method}@{fraction_text(self.finetune.label_fraction)}"
 
     @property
     def name(self) -> str:
@@ -149,6 +149,12 @@ class ResolvedTrial:
             "model": self.spec.model.build().to_dict(),
             "seed": self.trial.seed,
         }
+
+
+def fraction_text(fraction: float) -> str:
+    """A label fraction as every MLflow name, tag and param shows it: `1.0`, `0.5` (the
+    param's own `str(float)` form, so one view never reads `1`, `1.0` and `@1` for one cell)."""
+    return str(float(fraction))
 
 
 def short_value(value: Any) -> str:

@@ -118,6 +118,14 @@ def test_differing_loss_weights_make_separate_variants(tmp_path):
     ]
 
 
+def test_runs_of_older_sweeps_read_their_fraction_written_as_g(tmp_path):
+    """Sweeps before the one fraction form wrote `1` and `supervised@1` (params, tags, names)."""
+    old = {"finetune.label_fraction": "1", "variant": "supervised@1"}
+    trials = [Trial("supervised", 1.0, s, 0.6, params=old) for s in (0, 1)]
+    study = load_study("toy", build_store(tmp_path, trials), progress=False)
+    assert study.trials["label_fraction"].tolist() == [1.0, 1.0]
+
+
 def test_unknown_experiment_names_the_known_ones(store):
     with pytest.raises(AnalysisError, match=r"experiment 'nope' not found .*toy"):
         load_study("nope", store)

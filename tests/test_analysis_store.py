@@ -22,6 +22,8 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from harness.trials import fraction_text
+
 CLASSES = ["background", "divider", "ped_crossing", "boundary"]
 FRACTIONS = [0.1, 0.25, 0.5, 1.0]
 SEEDS = [0, 1, 2]
@@ -56,7 +58,7 @@ class Trial:
 
     @property
     def run_name(self) -> str:
-        return f"{self.method}-f{self.label_fraction:g}-s{self.seed}"
+        return f"{self.method}@{fraction_text(self.label_fraction)}-s{self.seed}"
 
 
 # The target alignment each pretraining run logs, by seed (model.evaluation.diagnostics' names).
@@ -161,7 +163,7 @@ def build_store(
             "bev.role": "trial",
             "bev.trial_id": f"trial_{i:03d}",
             "bev.method": t.method,
-            "bev.label_fraction": f"{t.label_fraction:g}",
+            "bev.label_fraction": fraction_text(t.label_fraction),
             "bev.seed": str(t.seed),
         }
         if parent_id:
@@ -174,8 +176,8 @@ def build_store(
         # on a supervised trial.
         params = {
             "method": t.method,
-            "variant": f"{t.method}@{t.label_fraction:g}",
-            "finetune.label_fraction": f"{t.label_fraction:g}",
+            "variant": f"{t.method}@{fraction_text(t.label_fraction)}",
+            "finetune.label_fraction": fraction_text(t.label_fraction),
             "labelled_samples": str(labelled),
             "finetune.epochs": str(EPOCHS),
             "finetune.w_bev": "1.0",

@@ -26,7 +26,7 @@ from analysis.sequential_study import (
 )
 from harness import rounds, sweep
 from harness.spec import load_spec
-from harness.trials import expand_trials
+from harness.trials import expand_trials, fraction_text
 
 ROUNDS = {"first": 3, "step": 2, "max": 7}
 BASE = {
@@ -202,7 +202,7 @@ def log_trials(tracking_uri: str, experiment: str, spec, trials, values) -> None
             exp,
             run_name=resolved.name,
             tags={"bev.role": "trial", "bev.trial_id": trial.key, "bev.method": trial.method,
-                  "bev.label_fraction": f"{fraction:g}", "bev.seed": str(trial.seed)},
+                  "bev.label_fraction": fraction_text(fraction), "bev.seed": str(trial.seed)},
         )  # fmt: skip
         client.log_metric(
             run.info.run_id, "val/mIoU", values[(trial.method, fraction)][trial.seed], step=1
