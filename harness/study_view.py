@@ -1,7 +1,7 @@
 """The study's face in MLflow's UI: the experiment's kind, its saved view and the link to it.
 
 MLflow 3's UI opens an experiment on its runs or on its GenAI overview by the *workflow type*
-(the sidebar's "Machine learning" / "GenAI" switch, default GenAI, remembered by the browser; a
+(the sidebar's "GenAI" / "Model training" switch, default GenAI, remembered by the browser; a
 `workflowType` query parameter overrides it), not by the experiment tag `mlflow.experimentKind`
 that UIs before it read. The harness sets both: the tag on each experiment, the parameter on
 every link it prints or writes. `harness.tracking.Tracker` writes these tags on each experiment.
@@ -65,7 +65,7 @@ def _line_chart(uuid: str, metric: str, x_metric: str | None) -> dict:
 
 STUDY_VIEW = {
     "searchFilter": f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'",
-    "orderByKey": "attributes.run_name",
+    "orderByKey": "tags.`mlflow.runName`",  # the UI's own "Run Name" sort
     "orderByAsc": True,
     "selectedColumns": [
         *(f"params.`{name}`" for name in (METHOD, LABEL_FRACTION, SEED, LABELLED_SAMPLES)),

@@ -1,11 +1,14 @@
 """The MLflow UI on a study's store: a real `mlflow server` on 127.0.0.1, opened in headless
-Chromium (Debian's `chromium`, installed by .ci/install-chromium.sh), lists every trial run, and
-the study view the harness saves on each experiment (docs/analysis.md) shows every cell
-(method@label_fraction) as its own group row.
+Chromium (Debian's `chromium`, installed by .ci/install-chromium.sh). The experiment, as a sweep
+leaves it (`harness.tracking.Tracker`), opens on its runs (not MLflow 3's GenAI overview) with a
+link to the study view; the study view (docs/analysis.md) lists the trial runs only, each cell
+(method@label_fraction, one fraction form) as its own group row, and in chart mode shows
+val/mIoU against time first; the plain runs page lists every trial run.
 
-The screenshots are kept as test-artifacts/mlflow_ui_experiment.png and
-test-artifacts/mlflow_ui_study_view.png. Without chromium the test is
-skipped locally and fails in CI (CI=true), where .ci/run must have installed it.
+The screenshots are kept as test-artifacts/mlflow_ui_experiment.png,
+test-artifacts/mlflow_ui_study_view.png and test-artifacts/mlflow_ui_study_charts.png. Without
+chromium the test is skipped locally and fails in CI (CI=true), where .ci/run must have
+installed it.
 """
 
 from __future__ import annotations
@@ -144,14 +147,14 @@ def run_chromium(chromium: str, args: list[str], profile: Path) -> subprocess.Co
     )
 
 
-def dump_dom(chromium: str, page: str, profile: Path, done) -> str:
+def dump_dom(chromium: str, page: str, profile: Path, done, budget_ms: int = 20000) -> str:
     """The page's DOM once `done(dom)` holds; a loaded machine may need a longer virtual-time
     budget, so a second try doubles it."""
     dom = ""
     for attempt in range(2):
         dom = run_chromium(
             chromium,
-            [f"--virtual-time-budget={20000 * (attempt + 1)}", "--dump-dom", page],
+            [f"--virtual-time-budget={budget_ms * (attempt + 1)}", "--dump-dom", page],
             profile.with_name(f"{profile.name}-{attempt}"),
         ).stdout
         if done(dom):
@@ -159,32 +162,60 @@ def dump_dom(chromium: str, page: str, profile: Path, done) -> str:
     return dom
 
 
-def screenshot(chromium: str, page: str, name: str, profile: Path) -> None:
+def screenshot(chromium: str, page: str, name: str, profile: Path, budget_ms: int = 20000) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / name
     shot.unlink(missing_ok=True)
-    run_chromium(chromium, ["--virtual-time-budget=20000", f"--screenshot={shot}", page], profile)
+    run_chromium(
+        chromium, [f"--virtual-time-budget={budget_ms}", f"--screenshot={shot}", page], profile
+    )
     assert shot.is_file(), "chromium wrote no screenshot"
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10, "the screenshot is blank"
 
 
+@pytest.fixture(scope="module")
+def experiment_id(mlflow_server) -> str:
+    """The toy experiment as a sweep leaves it: a sweep's Tracker sets its kind, its study view
+    and its note's link on an experiment that lacks them."""
+    from harness.tracking import Tracker
+
+    return Tracker(mlflow_server, "toy").experiment_id
+
+
 GROUP_ROW = re.compile(r"Group: ((?:supervised|pretrained)@[0-9.]+)<")
+# A cell's fraction in another form than `str(float)` (`supervised@1`, `@1-s0`, `@0.50`).
+OTHER_FRACTION_FORM = re.compile(
+    r'(?:supervised|pretrained)@(?!(?:0\.\d*[1-9]|1\.0)[-<\s"])[0-9][0-9.]*'
+)
+NO_DATA = "No data available"  # the GenAI overview's empty charts
 
 
-def test_the_study_view_shows_each_method_and_fraction_as_its_own_row(
-    chromium, mlflow_server, tmp_path
+def test_the_study_opens_on_its_runs_with_a_link_to_the_study_view(
+    chromium, mlflow_server, experiment_id, tmp_path
 ):
-    from mlflow.tracking import MlflowClient
+    """Opening the experiment (what a click in the experiments list does) through the link the
+    harness prints lands on the runs table, not on MLflow 3's GenAI overview."""
+    from harness.study_view import WORKFLOW_QUERY, study_view_link
 
-    from harness.tracking import study_view_tags, study_view_url
+    page = f"{mlflow_server}/#/experiments/{experiment_id}?{WORKFLOW_QUERY}"
 
-    client = MlflowClient(tracking_uri=mlflow_server)
-    experiment_id = client.get_experiment_by_name("toy").experiment_id
-    for key, value in study_view_tags().items():  # what a sweep saves on a new experiment
-        client.set_experiment_tag(experiment_id, key, value)
+    dom = dump_dom(chromium, page, tmp_path / "root", lambda d: "toy-sweep" in d or NO_DATA in d)
+
+    assert NO_DATA not in dom, f"{page} opened the GenAI overview"
+    assert "toy-sweep" in dom, f"{page} does not list the runs"
+    assert study_view_link(experiment_id).replace("&", "&amp;") in dom, "no link to the view"
+
+
+def test_the_study_view_shows_trials_only_each_cell_as_its_own_row(
+    chromium, mlflow_server, experiment_id, tmp_path
+):
+    from harness.study_view import study_view_url
+    from harness.trials import fraction_text
+
     page = study_view_url(mlflow_server, experiment_id)
-    cells = {f"{method}@{fraction:g}" for method, fraction in FINAL_MIOU}
+    cells = {f"{method}@{fraction_text(fraction)}" for method, fraction in FINAL_MIOU}
+    finished = {t.run_name for t in standard_trials() if t.status == "FINISHED"}
 
     dom = dump_dom(chromium, page, tmp_path / "view", lambda d: set(GROUP_ROW.findall(d)))
 
@@ -193,7 +224,31 @@ def test_the_study_view_shows_each_method_and_fraction_as_its_own_row(
     assert sorted(groups) == sorted(cells), groups  # one row per cell, each once
     for column in ("method", "finetune.label_fraction", "seed", "val/mIoU"):
         assert f">{column}<" in dom, column
+    assert not {name for name in finished if f">{name}<" not in dom}, "trial runs missing"
+    assert "toy-sweep" not in dom and "Additional runs" not in dom, "the sweep run is in the view"
+    text = re.sub(r"<[^>]*>", " ", dom)  # what a user reads: no ids, no attributes
+    assert not OTHER_FRACTION_FORM.findall(text), OTHER_FRACTION_FORM.findall(text)[:5]
     screenshot(chromium, page, "mlflow_ui_study_view.png", tmp_path / "view-shot")
+
+
+X_TITLE = re.compile(r'class="g-xtitle".*?data-unformatted="([^"]*)"', re.S)
+
+
+def test_the_study_view_charts_miou_against_time_first(
+    chromium, mlflow_server, experiment_id, tmp_path
+):
+    from harness.study_view import TIME_AXIS, study_view_url
+
+    page = f"{study_view_url(mlflow_server, experiment_id)}&compareRunsMode=CHART"
+
+    # The charts draw last and lazily: a longer virtual time than the table's.
+    dom = dump_dom(chromium, page, tmp_path / "charts", X_TITLE.findall, budget_ms=60000)
+
+    x_titles = X_TITLE.findall(dom)
+    assert x_titles, f"no chart drawn on {page}"
+    assert x_titles[0] == TIME_AXIS, x_titles  # the first chart: val/mIoU against time
+    assert "sweep/" not in dom, "the sweep run's charts are in the view"
+    screenshot(chromium, page, "mlflow_ui_study_charts.png", tmp_path / "charts-shot", 60000)
 
 
 def test_experiment_page_lists_every_trial_run(chromium, mlflow_server, tmp_path):
