@@ -105,6 +105,33 @@ def log_to_sweep_run(study: Study, out_dir: Path) -> str | None:
     return run_id
 
 
+def report_finished_sweep(experiment: str, tracking_uri: str, out_dir: Path) -> Path | None:
+    """The report with the CLI's defaults, written to `out_dir` and logged to the sweep run
+    under `report/`: what a sweep does when all its trials finished. A failure is logged as
+    one warning and returns None; the sweep's own result stands either way."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a --quiet sweep prints no library warnings
+            study = load_study(experiment, tracking_uri, progress=False)
+            analysis = analyse(study)
+            paths = write_report(analysis, out_dir)
+            logged = log_to_sweep_run(study, out_dir)
+    except Exception as exc:  # noqa: BLE001 (any failure of the report leaves the sweep done)
+        log.warning(
+            "could not write the report (%s); run: python -m analysis.report --experiment %s "
+            "--tracking-uri %s",
+            (str(exc).splitlines() or [type(exc).__name__])[0],
+            experiment,
+            tracking_uri,
+        )
+        return None
+    where = " and under the sweep run's report/" if logged else ""
+    log.info("report: %s%s", paths["report.html"], where)
+    return paths["report.html"]
+
+
 # --- the CLI ------------------------------------------------------------------------------------
 
 

@@ -335,7 +335,7 @@ def ui_command(tracking_uri: str, experiment_id: str) -> str:
         return f"open {study_view_url(tracking_uri, experiment_id)}"
     ui = "http://127.0.0.1:5000"
     return (
-        f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000, "
+        f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000 --workers 1, "
         f"then open {study_view_url(ui, experiment_id)}"
     )
 

@@ -256,6 +256,10 @@ def run_sweep(spec: Spec, args: argparse.Namespace, trials: list[Trial], plan: S
     if outcome.unfinished:
         print_resume_hint(args.spec)
         return EXIT_INTERRUPTED
+    if status == "FINISHED":  # the README's report under the sweep run's report/
+        from analysis.report import report_finished_sweep
+
+        report_finished_sweep(spec.experiment, plan.tracking_uri, storage / "report")
     print(console.summary_text(spec.experiment, plan.tracking_uri, tracker.experiment_id))
     return EXIT_TRIALS_FAILED if outcome.failed else EXIT_OK
 

@@ -632,6 +632,15 @@ def http_status(server: Server) -> int | None:
 
 
 @pytest.mark.parametrize("command", commands_checked_by("serve"))
+def test_mlflow_command_starts_one_worker(command):
+    """MLflow's default is 4 uvicorn workers (and as many job consumers): on a 2-core machine a
+    UI should not start a process per core it does not have; `--workers 1` says so."""
+    words = command.words
+    assert "--workers" in words, f"{command.where}: no --workers 1"
+    assert words[words.index("--workers") + 1] == "1", command.where
+
+
+@pytest.mark.parametrize("command", commands_checked_by("serve"))
 def test_mlflow_command_serves_the_ui(command, mlflow_servers):
     server = mlflow_servers[command.where]
     status = None

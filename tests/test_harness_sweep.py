@@ -216,6 +216,13 @@ def test_pretrained_trials_add_the_whole_and_the_shared_pretraining_time(small_s
             assert m["time/cum_wall_s_incl_pretrain"] == pytest.approx(m["time/cum_wall_s"])
 
 
+def test_a_finished_sweep_writes_its_report_and_logs_it_under_the_sweep_run(small_sweep):
+    (sweep,) = small_sweep.runs("sweep")
+    logged = {a.path for a in small_sweep.client().list_artifacts(sweep.info.run_id, "report")}
+    assert {"report/report.html", "report/summary.csv", "report/figures"} <= logged, logged
+    assert (small_sweep.storage / "report" / "report.html").is_file()
+
+
 def test_trials_and_pretraining_are_children_of_one_sweep_run_with_provenance(small_sweep):
     (sweep,) = small_sweep.runs("sweep")
     assert sweep.info.status == "FINISHED"
