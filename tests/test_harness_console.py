@@ -34,8 +34,9 @@ def test_the_summary_lists_the_mean_of_every_cell_and_the_paired_verdicts(tmp_pa
     report = f"python -m analysis.report --experiment toy --tracking-uri {uri}"
     assert lines[-2] == f"report:    {report}"
     assert lines[-1] == (
-        f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then "
-        "open http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=study"
+        f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000 "
+        "--workers 1, then open http://127.0.0.1:5000/#/experiments/1/runs"
+        "?viewStateShareKey=study&workflowType=machine_learning"
     )
 
 
