@@ -407,7 +407,8 @@ class EpochReport:
     steps: int = 0  # optimiser steps so far (cumulative)
     best: dict[str, float] = dataclasses.field(default_factory=dict)  # best/val_mIoU, best/epoch
     stopped_early: bool = False
-    # (H, 2W, 3) uint8: prediction | label of the first val sample (RuntimeConfig.preview)
+    # (H, W, 3) uint8: label | prediction of the first val sample, with a class legend
+    # (RuntimeConfig.preview; model.evaluation.legend)
     preview: Any = None
 
     def to_dict(self) -> dict:

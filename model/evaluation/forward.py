@@ -169,21 +169,31 @@ _PALETTE = np.array(
 
 
 @torch.no_grad()
-def preview(net: BevModel, loader: DataLoader, device, bf16: bool, use_history: bool) -> np.ndarray:
-    """The first val sample's BEV prediction (argmax) beside its label: (H, 2W, 3) uint8,
-    ego forward up. Multi-label protocols show the highest-scoring channel above 0.5."""
+def preview(
+    net: BevModel, loader: DataLoader, protocol: str, device, bf16: bool, use_history: bool
+) -> np.ndarray:
+    """The first val sample's BEV label beside its prediction (argmax), ego forward up,
+    captioned "label | prediction" above a legend of the protocol's class colours
+    (``model.evaluation.legend``): (H, W, 3) uint8. Multi-label protocols show the
+    highest-scoring channel above 0.5 ("none" where no channel is on)."""
+    from model.data.labels import class_names, is_multilabel
+    from model.evaluation.legend import with_legend
+
     batch = to_device(next(iter(loader)), torch.device(device))
     amp = autocast(torch.device(device), bf16)
     with eval_mode(net):
         history = history_pass(net, batch, amp) if use_history else None
         logits = forward(net, batch, history, use_history, amp)["bev_logits"][0].float()
     label = batch["bev_label"][0]
+    classes = class_names(protocol)
     if label.dim() == 3:  # multi-hot (C, H, W): channel index + 1, 0 where none is on
         pred = torch.where(logits.sigmoid().amax(0) > 0.5, logits.argmax(0) + 1, 0)
         label = torch.where(label.amax(0) > 0, label.float().argmax(0) + 1, 0)
     else:
         pred = logits.argmax(0)
+    if is_multilabel(protocol):
+        classes = ["none", *classes]
     palette = _PALETTE[np.arange(256) % len(_PALETTE)]
     palette[names.IGNORE] = (0, 0, 0)
-    images = [palette[t.cpu().numpy().astype(np.int64)] for t in (pred, label)]
-    return np.concatenate(images, axis=1)
+    label_rgb, pred_rgb = (palette[t.cpu().numpy().astype(np.int64)] for t in (label, pred))
+    return with_legend(label_rgb, pred_rgb, classes, palette)

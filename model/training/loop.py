@@ -380,7 +380,7 @@ def run_phase(phase: Phase, on_epoch: Callable[[EpochReport], None] | None) -> l
             if stopping is not None:
                 best.update(period, val, miou_key, stopping.min_delta)
             image = (
-                preview(net, phase.val, device, runtime.bf16, cfg.use_history)
+                preview(net, phase.val, phase.protocol, device, runtime.bf16, cfg.use_history)
                 if phase.preview and distributed.is_main()
                 else None
             )
