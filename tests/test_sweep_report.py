@@ -35,3 +35,26 @@ def test_a_report_that_fails_is_one_warning_naming_the_command_not_an_error(tmp_
     assert html is None
     (record,) = caplog.records
     assert "python -m analysis.report --experiment no-such-study" in record.getMessage()
+
+
+def test_a_quiet_sweep_logs_its_report_and_prints_nothing_else_but_its_summary(tmp_path):
+    from test_harness_sweep import assert_ok, run_sweep, write_study
+
+    sweep = write_study(
+        tmp_path,
+        "quiet_report",
+        methods=["supervised"],
+        search={"finetune.label_fraction": [1.0]},
+        finetune={"budget": {"value": 1}, "batch_size": 2},
+        mlflow={"system_metrics": False, "log_checkpoint": False, "log_images": False},
+        runtime={"alignment": False},
+    )
+
+    proc = run_sweep(sweep, "--quiet")
+
+    assert_ok(proc)
+    assert proc.stderr.strip() == "", proc.stderr[-3000:]
+    assert "report" not in proc.stdout.split("val mIoU")[0], proc.stdout  # summary first
+    (run,) = sweep.runs("sweep")
+    logged = {a.path for a in sweep.client().list_artifacts(run.info.run_id, "report")}
+    assert "report/report.html" in logged, logged
