@@ -14,7 +14,6 @@ import json
 from model.names import (
     AMORTISED,
     CUM_WALL_S,
-    LABEL_FRACTION,
     LABELLED_SAMPLES,
     METHOD,
     ROLE,
@@ -33,6 +32,7 @@ WORKFLOW_QUERY = "workflowType=machine_learning"
 # time keeps the UI from fetching the trials' parent (the sweep run) into the view.
 # docs/analysis.md shows it; tests/test_mlflow_ui.py opens it in Chromium.
 STUDY_VIEW_KEY = "study"
+FRACTION_TAG = "bev.label_fraction"
 STUDY_SECTION = "study-charts"
 TIME_AXIS = CUM_WALL_S + AMORTISED
 
@@ -67,8 +67,12 @@ STUDY_VIEW = {
     "searchFilter": f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'",
     "orderByKey": "tags.`mlflow.runName`",  # the UI's own "Run Name" sort
     "orderByAsc": True,
+    # The fraction as the tag: a group row averages a numeric param and prints `1` or
+    # `0.1000000001` where its trials say `1.0`; a tag it leaves as the trials wrote it.
     "selectedColumns": [
-        *(f"params.`{name}`" for name in (METHOD, LABEL_FRACTION, SEED, LABELLED_SAMPLES)),
+        f"params.`{METHOD}`",
+        f"tags.`{FRACTION_TAG}`",
+        *(f"params.`{name}`" for name in (SEED, LABELLED_SAMPLES)),
         *(f"metrics.`{name}`" for name in (VAL_MIOU, TIME_AXIS)),
     ],
     "groupBy": {

@@ -222,7 +222,7 @@ def test_the_study_view_shows_trials_only_each_cell_as_its_own_row(
     groups = GROUP_ROW.findall(dom)
     assert {"pretrained@0.5", "supervised@0.5"} <= set(groups), f"no 50 % groups on {page}"
     assert sorted(groups) == sorted(cells), groups  # one row per cell, each once
-    for column in ("method", "finetune.label_fraction", "seed", "val/mIoU"):
+    for column in ("method", "bev.label_fraction", "seed", "val/mIoU"):
         assert f">{column}<" in dom, column
     assert not {name for name in finished if f">{name}<" not in dom}, "trial runs missing"
     assert "toy-sweep" not in dom and "Additional runs" not in dom, "the sweep run is in the view"
