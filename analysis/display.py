@@ -164,9 +164,9 @@ def sequential_markdown(analysis: Analysis) -> str:
     labels = [text for text in analysis.sequential["interval"] if text]
     return (
         "## Sequential verdicts (the study's): seeds ran in rounds\n\n"
-        "Each comparison stopped at the first round whose look decided it; its interval is the "
-        "repeated confidence interval of that round"
-        + (f" ({labels[0]})" if labels else "")
+        "Each comparison stopped at the first round whose look decided it; its interval is that "
+        "round's "
+        + (labels[0].rsplit(", round", 1)[0] + ")" if labels else "repeated confidence interval")
         + ", valid wherever the rounds stopped. The fixed-n table below is not (its cells' "
         "seeds were chosen by the rounds).\n\n"
         + (markdown_table(table) if not table.empty else "Not computed.\n")
