@@ -96,7 +96,9 @@ def look(spec: Spec, tracking_uri: str, trials: list[Trial], index: int) -> Look
 
 def summary(look: Look, index: int) -> str:
     """One log line per round: what was decided and what runs next."""
-    decided = look.table[look.table["verdict"] != "continue"]
+    from analysis.sequential_study import OPEN
+
+    decided = look.table[look.table["verdict"] != OPEN]
     words = ", ".join(f"{v} {n}" for v, n in decided["verdict"].value_counts().items())
     return (
         f"round {index + 1}: {len(decided)} of {len(look.table)} comparisons decided"

@@ -124,17 +124,12 @@ class SequentialSeeds(_Section):
         if self.max < self.first:
             raise at(("max",), f"must be >= first ({self.first}), got {self.max}")
         if self.reference is not None:
-            variant, sep, fraction = self.reference.rpartition("@")
+            from analysis.stats import parse_cell  # the analysis CLIs' own cell syntax
+
             try:
-                value = float(fraction)
-            except ValueError:
-                value = -1.0
-            if not sep or not variant or not 0 < value <= 1:
-                raise at(
-                    ("reference",),
-                    f"{self.reference!r} is not VARIANT@FRACTION "
-                    "with 0 < FRACTION <= 1 (e.g. supervised@1.0)",
-                )
+                parse_cell(self.reference)
+            except ValueError as exc:
+                raise at(("reference",), f"{exc} (e.g. supervised@1.0)") from None
         return self
 
     def design(self):
