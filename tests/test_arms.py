@@ -107,7 +107,7 @@ def test_pseudo_label_sets_are_prepared_once_per_distinct_data_section():
         spec = load_spec(Path(THIS_FILE).parents[1] / "experiments/label_fraction.yaml", overrides)
         return pseudo_label_specs([t.resolve(spec) for t in expand_trials(spec)])
 
-    assert len(specs()) == 1  # 60 trials, 20 of them read pseudo-labels, one set
+    assert len(specs()) == 1  # 80 trials, 40 of them read pseudo-labels (pretrained, pct), one set
     sources = specs("search.data.pseudo_label_source=[labeler,shuffled]")
     assert {s.data.pseudo_label_source for s in sources} == {"labeler", "shuffled"}
     assert len(sources) == 2

@@ -397,14 +397,15 @@ def test_label_fraction_study_is_the_headline_protocol():
     spec = load_spec(EXPERIMENTS / "label_fraction.yaml")
     trials = [t.resolve(spec) for t in expand_trials(spec)]
     assert sorted({t.finetune.label_fraction for t in trials}) == [0.5, 1.0]
-    assert {t.trial.method for t in trials} == {"supervised", "supervised_matched", "pretrained"}
+    arms = {"supervised", "supervised_matched", "pretrained", "pct"}
+    assert {t.trial.method for t in trials} == arms
     assert sorted({t.trial.seed for t in trials}) == list(range(10))  # issue #19: at least 10
     assert spec.model.preset == "nano" and spec.data.source == "synthetic"
     assert spec.data.protocol == "hdmapnet" and spec.runtime.threads == 1
     # Equal step budgets: every fraction fine-tunes for the same optimiser steps.
     assert {(t.finetune.budget.unit, t.finetune.budget.value) for t in trials} == {("steps", 240)}
     assert spec.compute_matched == "amortised"
-    assert len(trials) == 60
+    assert len(trials) == 80
     assert len(pretrain_shares(trials, "fingerprint")) == 10
 
 
