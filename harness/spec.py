@@ -162,7 +162,7 @@ Seeds = Annotated[SeedList | Annotated[SeedRounds, Tag("(rounds)")], Discriminat
 
 class SchedulerSection(_Section):
     type: Literal["none", "asha"] = "none"
-    grace_period: PositiveInt = 1  # fine-tuning epochs before ASHA may stop a trial
+    grace_period: PositiveInt = 1  # reporting periods (epochs, or budget.every steps) first
     reduction_factor: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 2.0
 
 
@@ -291,8 +291,12 @@ class Spec(_Section):
         if self.scheduler.type == "asha" and self.sequential is not None:
             raise at(("seeds", "sequential"), "compares finished trials; ASHA stops them early")
         if self.scheduler.type == "asha":
-            if self.scheduler.grace_period > self.finetune.budget.value:
-                raise at(("scheduler", "grace_period"), "must be <= finetune.budget.value")
+            periods = self.finetune.budget.periods(self.finetune.batch_size, self.resources.workers)
+            if self.scheduler.grace_period > periods:
+                raise at(
+                    ("scheduler", "grace_period"),
+                    f"must be <= the {periods} reporting periods of finetune.budget",
+                )
             for i, method in enumerate(self.methods):
                 if arms.get(method).matched_to is not None:
                     raise at(("methods", i), f"{method} runs longer than ASHA's max_t")

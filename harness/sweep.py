@@ -374,7 +374,7 @@ def build_tuner(
 
         scheduler = ASHAScheduler(
             time_attr="epoch",
-            max_t=spec.finetune.budget.value,
+            max_t=spec.finetune.budget.periods(spec.finetune.batch_size, spec.resources.workers),
             grace_period=spec.scheduler.grace_period,
             reduction_factor=spec.scheduler.reduction_factor,
         )

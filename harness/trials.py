@@ -180,14 +180,14 @@ def _pseudo_labels_only(path: str, values: list) -> bool:
 
 
 def _axes_of(spec: Spec, method: str) -> dict[str, list]:
-    """The search axes that change a method's trials: a `pretrain.*` axis does not when the
-    arm does not pretrain, a pseudo-label axis does not when no phase of it reads them (one
-    supervised trial per cell serves every pretraining variant)."""
+    """The search axes that change a method's trials: a `pretrain` or `pretrain.*` axis does
+    not when the arm does not pretrain, a pseudo-label axis does not when no phase of it reads
+    them (one supervised trial per cell serves every pretraining variant)."""
     reads = Trial(method, spec.seed_list[0]).resolve(spec).needs_pseudo_labels
     return {
         path: values
         for path, values in spec.search.items()
-        if (arms.get(method).pretrains or not path.startswith("pretrain."))
+        if (arms.get(method).pretrains or path.split(".", 1)[0] != "pretrain")
         and (reads or not _pseudo_labels_only(path, values))
     }
 

@@ -21,6 +21,7 @@ schedule does not depend on the length, so pretraining lengths can share one run
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -248,6 +249,20 @@ class Budget(Config):
     value: PositiveInt = 2
     every: PositiveInt | None = None  # period length in `unit` (steps, samples); epochs: 1
 
+    def steps(self, batch_size: int, workers: int = 1) -> tuple[int, int]:
+        """A steps or samples budget as (optimiser steps, steps per reporting period); with
+        ``workers`` processes a step reads ``workers x batch_size`` samples."""
+        per_step = 1 if self.unit == "steps" else batch_size * workers
+        every = self.every or math.ceil(self.value / 10)
+        return math.ceil(self.value / per_step), max(1, math.ceil(every / per_step))
+
+    def periods(self, batch_size: int, workers: int = 1) -> int:
+        """Reporting periods (what a trial reports as its `epoch`): ASHA's time unit."""
+        if self.unit == "epochs":
+            return self.value
+        total, period = self.steps(batch_size, workers)
+        return max(1, math.ceil(total / period))
+
     @model_validator(mode="after")
     def _every(self) -> Budget:
         if self.every is not None and self.unit == "epochs":
@@ -324,7 +339,6 @@ class PretrainConfig(PhaseConfig):
         return self
 
 
-
 class FinetuneConfig(PhaseConfig):
     """Supervised fine-tuning on a nested label subset: ``w_bev * bev`` (+ optional pretraining
     terms on the same labelled scenes, off by default)."""
@@ -356,7 +370,6 @@ class FinetuneConfig(PhaseConfig):
                 "finetune.early_stopping needs validation: set finetune.val_every (0 or more)"
             )
         return self
-
 
 
 class RuntimeConfig(Config):

@@ -100,6 +100,7 @@ def build_store(
     trials: list[Trial] | None = None,
     experiment: str = "toy",
     with_sweep: bool = True,
+    spec_yaml: str = SPEC_YAML,
 ) -> str:
     """Write `trials` (default: the standard study) to a fresh SQLite store under `root`;
     returns its tracking URI."""
@@ -132,7 +133,7 @@ def build_store(
                 Metric("sweep/trials_failed", sum(t.status == "FAILED" for t in trials), now, 0),
             ],
         )
-        client.log_text(parent_id, SPEC_YAML, "spec.yaml")
+        client.log_text(parent_id, spec_yaml, "spec.yaml")
         client.log_text(
             parent_id, json.dumps({"python": "3.11", "torch": "2.14.1"}), "environment.json"
         )

@@ -20,6 +20,7 @@ TOOLS = {
     "harness.sweep",
     "analysis.report",
     "analysis.plan",
+    "analysis.search",
     "model.tools.bench",
     "model.data.prepare",
     "model.data.pseudo_labels",

@@ -171,6 +171,12 @@ BAD_SPECS = {
         "optuna: {params: {pretrain.w_reproj: {type: uniform, low: 0, high: 1}}}",
         ["{file}: methods: an Optuna search needs methods: [pretrained]"],
     ),
+    # ASHA's time unit is the reporting period: 240 steps validated every 40 are 6 of them.
+    "asha_grace_beyond_the_periods": (
+        "finetune: {budget: {unit: steps, value: 240, every: 40}}\n"
+        "scheduler: {type: asha, grace_period: 7}",
+        ["{file}: scheduler.grace_period: must be <= the 6 reporting periods of finetune.budget"],
+    ),
     "negative_gpu": ("resources: {gpu: -1}", ["{file}: resources.gpu: must be >= 0"]),
     "not_yaml": ("finetune: {batch_size: [1, 2}", ["{file}: not valid YAML (line 2, column 29)"]),
     "not_a_mapping": ("- a\n- b", ["{file}: the spec must be a mapping of sections, got list"]),

@@ -222,10 +222,8 @@ def schedule(
     steps_per_pass = max(steps_per_pass, 1)
     if budget.unit == "epochs":
         return Schedule(budget.value * steps_per_pass + extra_steps, steps_per_pass)
-    per_step = 1 if budget.unit == "steps" else cfg.batch_size * workers
-    total = math.ceil(budget.value / per_step) + extra_steps
-    every = budget.every or math.ceil(budget.value / 10)
-    return Schedule(total, max(1, math.ceil(every / per_step)))
+    total, period = budget.steps(cfg.batch_size, workers)
+    return Schedule(total + extra_steps, period)
 
 
 class _Batches:

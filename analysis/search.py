@@ -1,0 +1,196 @@
+"""An Optuna study's answer: the best setting found, which sampled parameter mattered, and a
+spec that re-runs the best against the defaults on fresh seeds.
+
+    python -m analysis.search --experiment NAME [--tracking-uri URI] [--out DIR]
+        [--confirm SPEC.yaml --seeds 1 2 3 ...]
+
+The search's own seed chose its best trial, so the best score is biased upward (the winner's
+curse); whether the best beats the defaults is a paired comparison on seeds the search never
+saw. `--confirm` writes it as a grid spec: the search's spec without `optuna` and `scheduler`,
+one axis of two settings (the best, and `{}`: the spec's own values, else the core's
+defaults), and the supervised reference at the same fraction. Run it with `python -m
+harness.sweep`, judge it with `python -m analysis.report --reference "pretrained (...)@F"`.
+
+Importance is Optuna's fANOVA (`optuna.importance`, fixed seed) over the trials that ran every
+validation: a trial ASHA stopped has only an early value, not comparable with final ones. With a
+dozen trials it ranks parameters coarsely; it is printed with the trial count. Reads the search
+spec the sweep logged (`spec.yaml` of the sweep run), so it needs no file of the user's.
+Input problems exit with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from analysis.inputs import (
+    check_store,
+    input_errors,
+    one_line_error,
+    output_dir,
+    study_parser,
+)
+from analysis.load import PARAM_COLUMNS, AnalysisError, load_study, resolve_tracking_uri
+from model import arms
+from model.cli import stay_offline
+
+PROG = "python -m analysis.search"
+DESCRIPTION = "Best setting, parameter importance and a confirmation spec of an Optuna study."
+METRIC = "val_mIoU"
+COLUMN_OF = {param: column for column, param in PARAM_COLUMNS.items()}
+
+
+def searched_params(spec: dict) -> dict[str, dict]:
+    """The spec's `optuna.params`: dotted path -> distribution (type, low, high or values)."""
+    params = (spec.get("optuna") or {}).get("params") or {}
+    if not params:
+        raise AnalysisError("the sweep's spec has no optuna.params: not an Optuna study")
+    missing = [path for path in params if path not in COLUMN_OF]
+    if missing:
+        raise AnalysisError(
+            f"optuna.params {', '.join(missing)}: not a param the analysis reads "
+            f"({', '.join(sorted(COLUMN_OF))})"
+        )
+    return params
+
+
+def search_table(trials: pd.DataFrame, params: dict[str, dict]) -> pd.DataFrame:
+    """One row per trial, best first: the sampled values, the last val mIoU, the validations
+    it ran and whether it ran them all (ASHA stops the others)."""
+    columns = [COLUMN_OF[path] for path in params]
+    done = trials[~trials["status"].isin(("FAILED", "KILLED"))]
+    full = done["epochs_done"].max()
+    table = done[["trial_id", "run_name", *columns, METRIC, "epochs_done"]].copy()
+    table = table.rename(columns={COLUMN_OF[path]: path for path in params})
+    table["ran_to_the_end"] = done["epochs_done"].eq(full)
+    # Best: among trials that ran to the end; a stopped trial's last value is an early one.
+    return table.sort_values(["ran_to_the_end", METRIC], ascending=False).reset_index(drop=True)
+
+
+def importance(table: pd.DataFrame, params: dict[str, dict], seed: int = 0) -> pd.Series:
+    """fANOVA importance of each sampled path (sums to 1), over the trials that ran every
+    validation (a stopped trial's last value is an early one, not comparable)."""
+    import optuna
+
+    def distribution(dist: dict):
+        kind = dist["type"]
+        if kind == "choice":
+            return optuna.distributions.CategoricalDistribution(dist["values"])
+        low, high = float(dist["low"]), float(dist["high"])
+        return optuna.distributions.FloatDistribution(low, high, log=kind == "loguniform")
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    distributions = {path: distribution(dist) for path, dist in params.items()}
+    for _, row in table[table["ran_to_the_end"]].dropna(subset=[METRIC]).iterrows():
+        values = {path: row[path] for path in params}
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=values, distributions=distributions, value=float(row[METRIC])
+            )
+        )
+    if len(study.trials) < 2:
+        raise AnalysisError("importance needs at least 2 trials with a val mIoU")
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    scores = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    return pd.Series(scores, name="importance").rename_axis("param")
+
+
+def confirm_spec(spec: dict, best: dict, seeds: list[int]) -> dict:
+    """The search's spec as a grid: the best setting and the spec's own (an empty entry: what
+    the spec sets, else the core's defaults) as one axis, the supervised reference beside them,
+    on `seeds` (which must not include the search's own)."""
+    used = set(spec.get("seeds") or [])
+    if used & set(seeds):
+        raise AnalysisError(
+            f"--seeds {sorted(used & set(seeds))}: the search's own seed(s); confirm on fresh ones"
+        )
+    sections = {path.split(".", 1)[0] for path in best}
+    if len(sections) != 1:
+        raise AnalysisError(f"sampled paths span sections {sorted(sections)}; one axis needs one")
+    (section,) = sections
+    settings = [{path.split(".", 1)[1]: _plain(value) for path, value in best.items()}, {}]
+    confirm = {k: v for k, v in spec.items() if k not in ("optuna", "scheduler", "search")}
+    confirm["study"] = f"{spec['study']}_confirm"
+    confirm["description"] = f"best vs default {section} settings of {spec['study']}, fresh seeds"
+    confirm["search"] = {section: settings}
+    confirm["methods"] = [arms.reference().name, *spec.get("methods", [])]
+    confirm["seeds"] = list(seeds)
+    return confirm
+
+
+def _plain(value):
+    return round(float(value), 6) if isinstance(value, float | int) else value
+
+
+def _parser():
+    parser = study_parser(PROG, DESCRIPTION, "MLflow experiment of the Optuna study")
+    parser.add_argument("--out", type=output_dir, help="write search.csv and importance.csv here")
+    parser.add_argument("--confirm", type=Path, help="write the confirmation spec (YAML) here")
+    parser.add_argument("--seeds", type=int, nargs="+", help="fresh seeds for --confirm")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.confirm is not None and not args.seeds:
+        parser.error("--confirm needs --seeds (seeds the search did not use)")
+    stay_offline()
+    for noisy in ("mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    uri = resolve_tracking_uri(args.tracking_uri, args.experiment)
+    try:
+        check_store(uri)
+        study = load_study(args.experiment, uri, progress=False)
+        if study.sweep is None or not study.sweep.spec_yaml:
+            raise AnalysisError(f"experiment {args.experiment!r} has no sweep run with spec.yaml")
+        spec = yaml.safe_load(study.sweep.spec_yaml)
+        params = searched_params(spec)
+        table = search_table(study.trials, params)
+        if table.empty or not table["ran_to_the_end"].any():
+            raise AnalysisError(f"experiment {args.experiment!r} has no finished trial")
+        scores = importance(table, params)
+        best = {path: float(table.loc[0, path]) for path in params}
+        confirm = None
+        if args.confirm is not None:
+            confirm = confirm_spec(spec, best, args.seeds)
+    except input_errors() as exc:
+        return one_line_error(exc, uri)
+    print(
+        f"Optuna study {args.experiment!r}: {len(table)} trials, "
+        f"{int(table['ran_to_the_end'].sum())} ran every validation (ASHA stopped the rest)."
+    )
+    print(table.drop(columns=["trial_id"]).to_string(index=False, float_format="%.4g"))
+    settings = ", ".join(f"{path} {value:.4g}" for path, value in best.items())
+    print(
+        f"\nBest (of the trials that ran to the end): {settings}: {METRIC} "
+        f"{table.loc[0, METRIC]:.4f} on the search's own seed (biased upward: judge it with "
+        "--confirm on fresh seeds)."
+    )
+    full = int(table["ran_to_the_end"].sum())
+    print(f"\nfANOVA importance over the {full} trials that ran to the end (coarse with few):")
+    print(scores.to_string(float_format="%.3f"))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out / "search.csv", index=False)
+        scores.to_csv(args.out / "importance.csv")
+        print(f"\nwrote {args.out / 'search.csv'} and {args.out / 'importance.csv'}")
+    if confirm is not None:
+        header = (
+            f"# Written by {PROG} --experiment {args.experiment} from the search's logged spec:\n"
+            "# its best setting against the spec's own ({}: the spec's values, else the core's\n"
+            "# defaults), paired by seed, on seeds the search did not use, beside the supervised\n"
+            "# reference at the same label fraction.\n"
+        )
+        args.confirm.write_text(header + yaml.safe_dump(confirm, sort_keys=False))
+        print(f"wrote {args.confirm}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
