@@ -9,7 +9,6 @@ import contextlib
 import socket
 import sqlite3
 import sys
-from pathlib import Path
 from urllib.parse import urlparse
 
 from analysis.load import AnalysisError, sqlite_path
@@ -44,17 +43,6 @@ def _cell(text: str) -> Cell:
         return parse_cell(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def output_dir(text: str) -> Path:
-    """A directory to write into: it, or the first of its parents that exists, is one."""
-    path = Path(text).expanduser()
-    for existing in (path, *path.parents):
-        if existing.exists():
-            if not existing.is_dir():
-                raise argparse.ArgumentTypeError(f"{existing} exists and is not a directory")
-            break
-    return path
 
 
 def study_parser(prog: str, description: str, experiment_help: str) -> argparse.ArgumentParser:

@@ -27,13 +27,12 @@ from analysis.inputs import (
     fraction_arg,
     input_errors,
     one_line_error,
-    output_dir,
     probability_arg,
     study_parser,
 )
 from analysis.load import Study, load_study, resolve_tracking_uri
 from analysis.stats import CONFIDENCE, POWER
-from model.cli import int_at_least, stay_offline
+from model.cli import dir_to_create, int_at_least, stay_offline
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out",
-        type=output_dir,
+        type=dir_to_create,
         help="output directory (default: studies/<experiment>/report)",
     )
     parser.add_argument(

@@ -31,12 +31,11 @@ from analysis.inputs import (
     check_store,
     input_errors,
     one_line_error,
-    output_dir,
     study_parser,
 )
 from analysis.load import PARAM_COLUMNS, AnalysisError, load_study, resolve_tracking_uri
 from model import arms
-from model.cli import stay_offline
+from model.cli import dir_to_create, stay_offline
 
 PROG = "python -m analysis.search"
 DESCRIPTION = "Best setting, parameter importance and a confirmation spec of an Optuna study."
@@ -129,7 +128,7 @@ def _plain(value):
 
 def _parser():
     parser = study_parser(PROG, DESCRIPTION, "MLflow experiment of the Optuna study")
-    parser.add_argument("--out", type=output_dir, help="write search.csv and importance.csv here")
+    parser.add_argument("--out", type=dir_to_create, help="write search.csv, importance.csv here")
     parser.add_argument("--confirm", type=Path, help="write the confirmation spec (YAML) here")
     parser.add_argument("--seeds", type=int, nargs="+", help="fresh seeds for --confirm")
     return parser

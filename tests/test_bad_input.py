@@ -137,7 +137,7 @@ CASES = [
     Case("report-experiment-empty", "analysis.report --experiment ''", "--experiment", "empty"),
     Case("report-n-boot-zero", f"{R} {STORE} --n-boot 0", "--n-boot", "must be >= 100"),
     Case("report-n-boot-not-a-number", f"{R} --n-boot lots", "--n-boot", "an integer"),
-    Case("report-out-is-a-file", f"{R} {STORE} --out {{file}}", "--out", "{file} exists"),
+    Case("report-out-is-a-file", f"{R} {STORE} --out {{file}}", "--out", "{file} is a file"),
     Case("report-out-under-a-file", f"{R} --out {{file}}/report", "--out", "not a directory"),
     Case("report-confidence-one", f"{R} --confidence 1", "--confidence", "0 < x < 1"),
     Case("report-power-zero", f"{R} --power 0", "--power", "0 < x < 1"),

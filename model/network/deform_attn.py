@@ -179,51 +179,54 @@ if triton is not None:
         return (row_base + key.to(tl.int64) * M) * DH, inside
 
     @triton.jit
-    def _msda_fwd_kernel(
-        value_ptr,
-        shapes_ptr,
-        starts_ptr,
-        loc_ptr,
-        attn_ptr,
-        out_ptr,
-        Q,
-        S,
-        M: tl.constexpr,
-        DH: tl.constexpr,
-        L: tl.constexpr,
-        P: tl.constexpr,
-        BLOCK_Q: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
+    def _queries(Q, S, M, DH, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's queries and channels: their masks, the element row of value[b, 0, m]
+        (value[b, s, m, :] lives at ((b * S + s) * M + m) * DH) and each query's row of the
+        (B, Q, M) layouts (BLOCK_Q,)."""
         pid_q = tl.program_id(0)
         pid_bm = tl.program_id(1)
         b = pid_bm // M
         m = pid_bm % M
         offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
         offs_d = tl.arange(0, BLOCK_D)
-        q_mask = offs_q < Q
-        d_mask = offs_d < DH
-        # value[b, s, m, :] lives at ((b * S + s) * M + m) * DH
         row_base = b.to(tl.int64) * S * M + m
-        query_row = (b.to(tl.int64) * Q + offs_q) * M + m  # (BLOCK_Q,)
+        query_row = (b.to(tl.int64) * Q + offs_q) * M + m
+        return offs_d, offs_q < Q, offs_d < DH, row_base, query_row
+
+    @triton.jit
+    def _level(shapes_ptr, starts_ptr, level):
+        """Height, width and first key of feature level `level`."""
+        h = tl.load(shapes_ptr + 2 * level).to(tl.int32)
+        w = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
+        return h, w, tl.load(starts_ptr + level).to(tl.int32)
+
+    @triton.jit
+    def _point(loc_ptr, attn_ptr, sp, h, w, q_mask):
+        """Sampling point `sp` of each query: its attention weight, the fractional parts of its
+        pixel position and its top-left corner."""
+        lx = tl.load(loc_ptr + sp * 2, mask=q_mask, other=0.0)
+        ly = tl.load(loc_ptr + sp * 2 + 1, mask=q_mask, other=0.0)
+        a = tl.load(attn_ptr + sp, mask=q_mask, other=0.0)
+        x0f = tl.floor(lx * w - 0.5)
+        y0f = tl.floor(ly * h - 0.5)
+        fx = lx * w - 0.5 - x0f
+        fy = ly * h - 0.5 - y0f
+        return a, fx, fy, x0f.to(tl.int32), y0f.to(tl.int32)
+
+    @triton.jit
+    def _msda_fwd_kernel(
+        value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,  # the inputs
+        out_ptr,
+        Q, S, M: tl.constexpr, DH: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        offs_d, q_mask, d_mask, row_base, query_row = _queries(Q, S, M, DH, BLOCK_Q, BLOCK_D)
         acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
         for level in tl.static_range(L):
-            h = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-            w = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-            start = tl.load(starts_ptr + level).to(tl.int32)
+            h, w, start = _level(shapes_ptr, starts_ptr, level)
             for point in tl.static_range(P):
                 sp = (query_row * L + level) * P + point
-                lx = tl.load(loc_ptr + sp * 2, mask=q_mask, other=0.0)
-                ly = tl.load(loc_ptr + sp * 2 + 1, mask=q_mask, other=0.0)
-                a = tl.load(attn_ptr + sp, mask=q_mask, other=0.0)
-                px = lx * w - 0.5
-                py = ly * h - 0.5
-                x0f = tl.floor(px)
-                y0f = tl.floor(py)
-                fx = px - x0f
-                fy = py - y0f
-                x0 = x0f.to(tl.int32)
-                y0 = y0f.to(tl.int32)
+                a, fx, fy, x0, y0 = _point(loc_ptr, attn_ptr, sp, h, w, q_mask)
                 sample = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
                 for dy in tl.static_range(2):
                     for dx in tl.static_range(2):
@@ -244,58 +247,27 @@ if triton is not None:
 
     @triton.jit
     def _msda_bwd_kernel(
-        value_ptr,
-        shapes_ptr,
-        starts_ptr,
-        loc_ptr,
-        attn_ptr,
+        value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,  # the inputs
         grad_out_ptr,
         grad_value_ptr,
         grad_loc_ptr,
         grad_attn_ptr,
-        Q,
-        S,
-        M: tl.constexpr,
-        DH: tl.constexpr,
-        L: tl.constexpr,
-        P: tl.constexpr,
-        BLOCK_Q: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        pid_q = tl.program_id(0)
-        pid_bm = tl.program_id(1)
-        b = pid_bm // M
-        m = pid_bm % M
-        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        offs_d = tl.arange(0, BLOCK_D)
-        q_mask = offs_q < Q
-        d_mask = offs_d < DH
+        Q, S, M: tl.constexpr, DH: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        offs_d, q_mask, d_mask, row_base, query_row = _queries(Q, S, M, DH, BLOCK_Q, BLOCK_D)
         qd_mask = q_mask[:, None] & d_mask[None, :]
-        row_base = b.to(tl.int64) * S * M + m
-        query_row = (b.to(tl.int64) * Q + offs_q) * M + m
         g = tl.load(
             grad_out_ptr + query_row[:, None] * DH + offs_d[None, :], mask=qd_mask, other=0.0
         )
         for level in tl.static_range(L):
-            h = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-            w = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-            start = tl.load(starts_ptr + level).to(tl.int32)
+            h, w, start = _level(shapes_ptr, starts_ptr, level)
             for point in tl.static_range(P):
                 sp = (query_row * L + level) * P + point
-                lx = tl.load(loc_ptr + sp * 2, mask=q_mask, other=0.0)
-                ly = tl.load(loc_ptr + sp * 2 + 1, mask=q_mask, other=0.0)
-                a = tl.load(attn_ptr + sp, mask=q_mask, other=0.0)
-                px = lx * w - 0.5
-                py = ly * h - 0.5
-                x0f = tl.floor(px)
-                y0f = tl.floor(py)
-                fx = px - x0f
-                fy = py - y0f
-                x0 = x0f.to(tl.int32)
-                y0 = y0f.to(tl.int32)
-                sample = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+                a, fx, fy, x0, y0 = _point(loc_ptr, attn_ptr, sp, h, w, q_mask)
                 d_fx = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)  # d sample / d fx
                 d_fy = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+                sample = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
                 for dy in tl.static_range(2):
                     for dx in tl.static_range(2):
                         off, inside = _corner(

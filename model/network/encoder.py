@@ -42,6 +42,17 @@ def _init_offsets_as_rays(linear: nn.Linear, heads: int, groups: int, points: in
         linear.bias.copy_(grid.view(-1))
 
 
+def _reset_deformable(module: nn.Module, groups: int, projections: tuple[nn.Linear, ...]) -> None:
+    """A deformable attention's init: offsets as rays, uniform attention (zero logits), Xavier
+    projections with zero biases."""
+    _init_offsets_as_rays(module.sampling_offsets, module.num_heads, groups, module.num_points)
+    nn.init.zeros_(module.attention_weights.weight)
+    nn.init.zeros_(module.attention_weights.bias)
+    for linear in projections:
+        nn.init.xavier_uniform_(linear.weight)
+        nn.init.zeros_(linear.bias)
+
+
 class TemporalSelfAttention(nn.Module):
     """Deformable self-attention over the pair [history BEV, current BEV queries].
 
@@ -53,12 +64,8 @@ class TemporalSelfAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, num_points: int, dropout: float, impl: str):
         super().__init__()
-        self.embed_dim, self.num_heads, self.num_points, self.impl = (
-            embed_dim,
-            num_heads,
-            num_points,
-            impl,
-        )
+        self.embed_dim, self.num_heads, self.num_points = embed_dim, num_heads, num_points
+        self.impl = impl
         q = self.num_bev_queue
         self.sampling_offsets = nn.Linear(embed_dim * q, q * num_heads * num_points * 2)
         self.attention_weights = nn.Linear(embed_dim * q, q * num_heads * num_points)
@@ -68,14 +75,7 @@ class TemporalSelfAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        _init_offsets_as_rays(
-            self.sampling_offsets, self.num_heads, self.num_bev_queue, self.num_points
-        )
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        for linear in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(linear.weight)
-            nn.init.zeros_(linear.bias)
+        _reset_deformable(self, self.num_bev_queue, (self.value_proj, self.output_proj))
 
     def forward(
         self,
@@ -129,26 +129,15 @@ class MSDeformableAttention3D(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, num_levels: int, num_points: int, impl: str):
         super().__init__()
-        self.embed_dim, self.num_heads, self.num_levels, self.num_points, self.impl = (
-            embed_dim,
-            num_heads,
-            num_levels,
-            num_points,
-            impl,
-        )
+        self.embed_dim, self.num_heads, self.impl = embed_dim, num_heads, impl
+        self.num_levels, self.num_points = num_levels, num_points
         self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        _init_offsets_as_rays(
-            self.sampling_offsets, self.num_heads, self.num_levels, self.num_points
-        )
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        nn.init.xavier_uniform_(self.value_proj.weight)
-        nn.init.zeros_(self.value_proj.bias)
+        _reset_deformable(self, self.num_levels, (self.value_proj,))
 
     def forward(
         self,

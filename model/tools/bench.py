@@ -43,21 +43,9 @@ from model.network.bevformer import BEVFormerSeg
 from model.network.deform_attn import multi_scale_deformable_attn, resolve_impl
 from model.network.encoder import project_pillars
 from model.presets import PRESETS, ModelConfig, get_preset
+from model.tools import bench_step
 from model.tools.bench_compare import compare
-from model.tools.bench_step import (
-    Timer,
-    bench_phase,
-    fast_attention_impls,
-    make_batch,
-    peak_memory_mb,
-    step,
-)
-from model.training.precision import (
-    autocast,
-    bf16_autocast_active,
-    make_adamw,
-    to_channels_last,
-)
+from model.training import precision
 
 
 class StageTimer:
@@ -116,8 +104,8 @@ def bench_deform_attn(
     loc = torch.rand(n, queries, heads, cfg.num_levels, cfg.num_points, 2, generator=gen)
     attn = torch.rand(n, queries, heads, cfg.num_levels, cfg.num_points, generator=gen)
     loc, attn = loc.to(device), attn.softmax(-1).to(device)
-    impls = ["pytorch", *fast_attention_impls(device)]
-    timer = Timer(device)
+    impls = ["pytorch", *bench_step.fast_attention_impls(device)]
+    timer = bench_step.Timer(device)
     rows = []
     for impl in impls:
         v, xy, a = (t.clone().requires_grad_() for t in (value, loc, attn))
@@ -172,31 +160,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cpu, cuda or cuda:N (default cuda when available)",
     )
-    parser.add_argument("--batch", type=_positive_int, default=2, help="samples per step")
-    parser.add_argument(
-        "--steps",
-        type=_positive_int,
-        default=None,
-        help="timed steps (default 5); with --compare, steps per block (default 3)",
+    numbers = (
+        ("--batch", _positive_int, 2, "samples per step"),
+        ("--steps", _positive_int, None, "timed steps (default 5); with --compare, per block (3)"),
+        ("--warmup", _non_negative_int, 2, "untimed steps first (per arm)"),
+        ("--repeats", _positive_int, 5, "--compare: interleaved rounds, the medians' (default 5)"),
+        ("--num-classes", _positive_int, 4, "BEV classes (default 4)"),
+        ("--label-resolution", float, None, "label cell in metres (default 0.5 nano, else 0.15)"),
+        ("--threads", _positive_int, None, "torch CPU threads"),
     )
-    parser.add_argument(
-        "--warmup", type=_non_negative_int, default=2, help="untimed steps first (per arm)"
-    )
-    parser.add_argument(
-        "--repeats",
-        type=_positive_int,
-        default=5,
-        help="--compare: interleaved rounds; the medians are over these (default 5)",
-    )
-    parser.add_argument(
-        "--num-classes", type=_positive_int, default=4, help="BEV classes (default 4)"
-    )
-    parser.add_argument(
-        "--label-resolution",
-        type=float,
-        default=None,
-        help="label grid cell in metres over 60 m x 30 m (default 0.5 for nano, else 0.15)",
-    )
+    for flag, kind, default, text in numbers:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument("--attention-impl", default=None, help="override the preset's")
     parser.add_argument(
         "--amp",
@@ -214,7 +188,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="time each speed switch on vs off, interleaved, instead of the table",
     )
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 3 if args.compare else 5
@@ -263,25 +236,26 @@ def table(args, cfg: ModelConfig, grid: BevGrid, device: torch.device, resolutio
     torch.manual_seed(0)
     net = BEVFormerSeg(cfg, args.num_classes, grid).to(device).train()
     if args.channels_last:
-        to_channels_last(net)
-    opt = make_adamw(net.param_groups(2e-4), 2e-4, 0.01, device, fused=args.fused_adamw)
-    batch = make_batch(cfg, grid, args.batch, args.num_classes, device)
-    bf16 = bf16_autocast_active(device, device.type == "cuda" if args.amp is None else args.amp)
-    amp = autocast(device, bf16)
-    phase = bench_phase(net, grid, device, bf16)
+        precision.to_channels_last(net)
+    opt = precision.make_adamw(net.param_groups(2e-4), 2e-4, 0.01, device, fused=args.fused_adamw)
+    batch = bench_step.make_batch(cfg, grid, args.batch, args.num_classes, device)
+    wanted = device.type == "cuda" if args.amp is None else args.amp
+    bf16 = precision.bf16_autocast_active(device, wanted)
+    amp = precision.autocast(device, bf16)
+    phase = bench_step.bench_phase(net, grid, device, bf16)
 
     for _ in range(args.warmup):
-        step(phase, opt, batch, amp)
+        bench_step.step(phase, opt, batch, amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = StageTimer(net, device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        step(phase, opt, batch, amp)
+        bench_step.step(phase, opt, batch, amp)
     timer.sync()
     step_s = (time.perf_counter() - start) / args.steps
     timer.add_rest(step_s * args.steps)
-    memory_mb = peak_memory_mb(device)
+    memory_mb = bench_step.peak_memory_mb(device)
     attn_rows, attn_shape = bench_deform_attn(net, batch, device, repeats=max(args.steps, 3))
 
     impl_used = resolve_impl(cfg.attention_impl, device)

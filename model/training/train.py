@@ -20,6 +20,7 @@ loaders ``model.training.loaders``; the checkpoint compatibility rules ``model.t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -146,6 +147,44 @@ def ensure_pseudo_labels(data: DataConfig, model: ModelConfig) -> str:
     )  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What both phases set up first: the process, the seed, the device and the label grid."""
+
+    data: DataConfig
+    model: ModelConfig
+    runtime: RuntimeConfig
+    seed: int
+    device: torch.device
+    grid: BevGrid
+    num_classes: int
+
+    @classmethod
+    def start(cls, data: DataConfig, model: ModelConfig, runtime: RuntimeConfig, seed: int):
+        device = resolve_device(runtime.device)
+        set_up_process(runtime)
+        seed_everything(seed)
+        num_classes = len(class_names(data.protocol))
+        return cls(data, model, runtime, seed, device, data.label_grid(model), num_classes)
+
+    def phase(self, name: str, cfg: PhaseConfig, net, dataset, out_dir, meta, **rest) -> Phase:
+        """The phase `name` on `dataset`, checkpointed at ``<out_dir>/<name>.pt``."""
+        return Phase(
+            name=name,
+            cfg=cfg,
+            net=net,
+            loader=train_loader(dataset, self.data, cfg.batch_size, self.seed),
+            seed=self.seed,
+            protocol=self.data.protocol,
+            grid=self.grid,
+            device=self.device,
+            runtime=self.runtime,
+            checkpoint_path=Path(out_dir) / f"{name}.pt",
+            meta=meta,
+            **rest,
+        )
+
+
 def pretrain(
     data: DataConfig,
     model: ModelConfig,
@@ -164,36 +203,27 @@ def pretrain(
     (a trunk segment); ``init_from`` starts it from such a checkpoint of the same config at
     another length (the next segment, or this length's decay branch). See ``model.training.loop``.
     """
-    device = resolve_device(runtime.device)
-    set_up_process(runtime)
-    seed_everything(seed)
-    num_classes = len(class_names(data.protocol))
-    grid = data.label_grid(model)
+    run = _Run.start(data, model, runtime, seed)
     needs = objectives.needs(cfg.weights)
     load_prev = cfg.use_history or "prev" in needs
     pseudo = ensure_pseudo_labels(data, model) if "pseudo_labels" in needs else None
     dataset = make_dataset(data, model, data.train_split, pseudo, load_prev)
     reproj_weights = pseudo_label_weights(cfg, data, dataset)
-    meta = checkpoint_meta(data, model, cfg, seed, grid, num_classes)
+    meta = checkpoint_meta(data, model, cfg, seed, run.grid, run.num_classes)
     meta.update(reproj_class_weights=list(reproj_weights) if reproj_weights else None)
-    net = build_model(model, num_classes, grid, seed)
+    net = build_model(model, run.num_classes, run.grid, seed)
     objectives.add_heads(net, cfg.weights, data.protocol)
-    phase = Phase(
-        name="pretrain",
-        cfg=cfg,
-        net=net,
-        loader=train_loader(dataset, data, cfg.batch_size, seed),
+    phase = run.phase(
+        "pretrain",
+        cfg,
+        net,
+        dataset,
+        out_dir,
+        meta,
         val=None
         if cfg.val_every is None
         else val_loader(data, model, cfg.batch_size, cfg.use_history),
-        seed=seed,
         labelled_samples=0,
-        protocol=data.protocol,
-        grid=grid,
-        device=device,
-        runtime=runtime,
-        checkpoint_path=Path(out_dir) / "pretrain.pt",
-        meta=meta,
         reproj_class_weights=reproj_weights,
         stop_step=stop_step,
         init_from=Path(init_from) if init_from is not None else None,
@@ -218,11 +248,7 @@ def finetune(
     pretraining) or from scratch. Validates every ``cfg.val_every`` epochs and after the last.
     ``subset``: that subset, when the caller drew it already (``labelled_subset``).
     """
-    device = resolve_device(runtime.device)
-    set_up_process(runtime)
-    seed_everything(seed)
-    num_classes = len(class_names(data.protocol))
-    grid = data.label_grid(model)
+    run = _Run.start(data, model, runtime, seed)
     subset = subset or labelled_subset(data, cfg, seed)
     needs = objectives.needs(cfg.weights)
     pseudo = ensure_pseudo_labels(data, model) if "pseudo_labels" in needs else None
@@ -243,33 +269,28 @@ def finetune(
         cfg.bev_class_weights, data.protocol, lambda: balanced_class_weights(dataset), "BEV"
     )
     reproj_weights = pseudo_label_weights(cfg, data, dataset)
-    net = build_model(model, num_classes, grid, seed)
+    net = build_model(model, run.num_classes, run.grid, seed)
     if init_checkpoint is not None:
         state = load_checkpoint(init_checkpoint)
-        check_init(state, init_checkpoint, model, data.protocol, grid)
+        check_init(state, init_checkpoint, model, data.protocol, run.grid)
         net.load_state_dict(without_aux(state["model"]))
     objectives.add_heads(net, cfg.weights, data.protocol)
-    meta = checkpoint_meta(data, model, cfg, seed, grid, num_classes)
+    meta = checkpoint_meta(data, model, cfg, seed, run.grid, run.num_classes)
     meta.update(
         subset={"fraction": cfg.label_fraction, "seed": seed, "scenes": list(subset.scenes)},
         init_checkpoint=str(init_checkpoint) if init_checkpoint is not None else None,
         bev_class_weights=list(class_weights) if class_weights else None,
         reproj_class_weights=list(reproj_weights) if reproj_weights else None,
     )
-    phase = Phase(
-        name="finetune",
-        cfg=cfg,
-        net=net,
-        loader=train_loader(dataset, data, cfg.batch_size, seed),
+    phase = run.phase(
+        "finetune",
+        cfg,
+        net,
+        dataset,
+        out_dir,
+        meta,
         val=val_loader(data, model, cfg.batch_size, cfg.use_history),
-        seed=seed,
         labelled_samples=dataset.labelled_count,
-        protocol=data.protocol,
-        grid=grid,
-        device=device,
-        runtime=runtime,
-        checkpoint_path=Path(out_dir) / "finetune.pt",
-        meta=meta,
         bev_class_weights=class_weights,
         bev_pos_weight=cfg.bev_pos_weight,
         reproj_class_weights=reproj_weights,

@@ -83,6 +83,12 @@ class _MapWriter:
         self.rec["line"].append({"token": token, "node_tokens": nodes})
         return token, nodes
 
+    def area(self, layer: str, scene_key: str, i: int, poly: Polygon, key: str, **fields) -> str:
+        """Record `i` of a polygon layer for one scene; returns its token."""
+        token = self.tok(layer, self.loc, scene_key, i)
+        self.rec[layer].append({"token": token, "polygon_token": self.polygon(poly, key), **fields})
+        return token
+
     def add_world(self, world: World, scene: int):
         g = lambda geom: to_global(world, geom)  # noqa: E731
         k = f"s{scene}"
@@ -95,68 +101,43 @@ class _MapWriter:
                 ],
             }
         )
-        seg_tokens = []
-        for i, (poly, is_x) in enumerate(world.road_segments):
-            token = self.tok("road_segment", self.loc, k, i)
-            seg_tokens.append(token)
-            self.rec["road_segment"].append(
-                {
-                    "token": token,
-                    "polygon_token": self.polygon(g(poly), f"{k}/segment{i}"),
-                    "is_intersection": bool(is_x),
-                    "drivable_area_token": da,
-                }
-            )
+        seg_tokens = [
+            self.area("road_segment", k, i, g(poly), f"{k}/segment{i}",
+                      is_intersection=bool(is_x), drivable_area_token=da)
+            for i, (poly, is_x) in enumerate(world.road_segments)
+        ]  # fmt: skip
         for i, lane in enumerate(world.lanes):
-            token = self.tok("lane", self.loc, k, i)
             centre = np.asarray(g(LineString(lane["centre"])).coords)
             poly = g(lane["polygon"])
             ends = [
                 self.line(g(LineString(edge)), f"{k}/lane{i}/edge{j}")[0]
                 for j, edge in enumerate(lane["edges"])
             ]
-            self.rec["lane"].append(
-                {
-                    "token": token,
-                    "polygon_token": self.polygon(poly, f"{k}/lane{i}"),
-                    "lane_type": "CAR",
-                    "from_edge_line_token": ends[0],
-                    "to_edge_line_token": ends[1],
-                    "left_lane_divider_segments": [],
-                    "right_lane_divider_segments": [],
-                }
+            token = self.area(
+                "lane",
+                k,
+                i,
+                poly,
+                f"{k}/lane{i}",
+                lane_type="CAR",
+                from_edge_line_token=ends[0],
+                to_edge_line_token=ends[1],
+                left_lane_divider_segments=[],
+                right_lane_divider_segments=[],
             )
             self.arclines[token] = arcline_path(centre)
             self.connectivity[token] = {"incoming": [], "outgoing": []}
-        ped_tokens = []
-        for i, (poly, seg) in enumerate(world.ped_crossings):
-            token = self.tok("ped_crossing", self.loc, k, i)
-            ped_tokens.append(token)
-            self.rec["ped_crossing"].append(
-                {
-                    "token": token,
-                    "polygon_token": self.polygon(g(poly), f"{k}/ped{i}"),
-                    "road_segment_token": seg_tokens[seg],
-                }
-            )
+        ped_tokens = [
+            self.area("ped_crossing", k, i, g(poly), f"{k}/ped{i}",
+                      road_segment_token=seg_tokens[seg])
+            for i, (poly, seg) in enumerate(world.ped_crossings)
+        ]  # fmt: skip
         for i, poly in enumerate(world.walkways):
-            self.rec["walkway"].append(
-                {
-                    "token": self.tok("walkway", self.loc, k, i),
-                    "polygon_token": self.polygon(g(poly), f"{k}/walkway{i}"),
-                }
-            )
+            self.area("walkway", k, i, g(poly), f"{k}/walkway{i}")
         for i, (poly, ped) in enumerate(world.stop_lines):
-            self.rec["stop_line"].append(
-                {
-                    "token": self.tok("stop_line", self.loc, k, i),
-                    "polygon_token": self.polygon(g(poly), f"{k}/stop{i}"),
-                    "stop_line_type": "PED_CROSSING",
-                    "ped_crossing_tokens": [ped_tokens[ped]],
-                    "traffic_light_tokens": [],
-                    "road_block_token": "",
-                }
-            )
+            self.area("stop_line", k, i, g(poly), f"{k}/stop{i}",
+                      stop_line_type="PED_CROSSING", ped_crossing_tokens=[ped_tokens[ped]],
+                      traffic_light_tokens=[], road_block_token="")  # fmt: skip
         for i, (line, seg) in enumerate(world.road_dividers):
             line_token, _ = self.line(g(line), f"{k}/road_divider{i}")
             self.rec["road_divider"].append(
