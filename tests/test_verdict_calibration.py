@@ -3,10 +3,10 @@ headline study's spread, the 95 % t-intervals that `paired_verdicts` reports cov
 effect about 95 % of the time, and with no effect the verdict says "better" or "worse" in at
 most 5 % of studies.
 
-Spread: the headline's paired differences (docs/results/verdicts.md, 10 seeds) have sds of
-0.018-0.028 mIoU; 0.025 is used, with a 2.5 pp effect (the paper's claim). Differences are
-drawn normal and, as a check that the t-interval does not lean on normality at 10 seeds, from
-a Student t with 5 degrees of freedom scaled to the same sd.
+Spread: the headline's paired differences (docs/results/label_fraction/verdicts.md, 10 seeds)
+have sds of 0.020-0.029 mIoU; 0.025 is used, with a 2.5 pp effect (the paper's claim). Differences
+are drawn normal and, as a check that the t-interval does not lean on normality at 10 seeds,
+from a Student t with 5 degrees of freedom scaled to the same sd.
 """
 
 from __future__ import annotations
