@@ -26,10 +26,11 @@ WORKFLOW_QUERY = "workflowType=machine_learning"
 
 # The experiment page's saved view: MLflow's "share view" keeps the UI's state in an experiment
 # tag `mlflow.sharedViewState.<key>`, opened with `?viewStateShareKey=<key>`. Finished trial
-# runs only, grouped by `variant` (method@label_fraction: one row per cell, the mean of its
-# seeds), with the key params and val/mIoU as columns; in chart mode first val/mIoU against
-# the trial's amortised wall time, then against the epoch. Sorting by anything but the start
-# time keeps the UI from fetching the trials' parent (the sweep run) into the view.
+# runs only, grouped by `variant` (the cell, method@label_fraction and any other axis values:
+# one row per cell, the mean of its seeds), with the key params and val/mIoU as columns; in
+# chart mode first val/mIoU against the trial's amortised wall time, then against the epoch.
+# Sorting by anything but the start time keeps the UI from fetching the trials' parent (the
+# sweep run) into the view.
 # docs/analysis.md shows it; tests/test_mlflow_ui.py opens it in Chromium.
 STUDY_VIEW_KEY = "study"
 FRACTION_TAG = "bev.label_fraction"
@@ -120,6 +121,7 @@ def study_note(description: str | None, experiment_id: str) -> str:
     link = f"**Open the [study view]({study_view_link(experiment_id)})**"
     lines = [*([description] if description else []), link]
     return "\n\n".join(lines) + (
-        ": finished trials grouped by method@label_fraction, and val/mIoU against time "
+        ": finished trials grouped by cell (method@label_fraction and any other axis value), "
+        "and val/mIoU against time "
         "in chart mode."
     )

@@ -240,7 +240,7 @@ def trial_params(resolved: ResolvedTrial, context: SweepContext, finetune=None) 
         **flatten(sections),
         names.METHOD: resolved.trial.method,
         names.SEED: resolved.trial.seed,
-        "variant": resolved.variant,
+        "variant": resolved.cell,
         "data.resolved_version": context.version,
         "dataset_fingerprint": context.dataset_fingerprint,
         "trial_id": resolved.trial.key,

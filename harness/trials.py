@@ -110,17 +110,28 @@ class ResolvedTrial:
 
     @property
     def variant(self) -> str:
-        """The trial's arm and cell, e.g. `pretrained@0.5` (the MLflow param `variant`)."""
+        """The trial's arm and label fraction, e.g. `pretrained@0.5`."""
         return f"{self.trial.method}@{fraction_text(self.finetune.label_fraction)}"
 
     @property
-    def name(self) -> str:
-        axes = [
-            f"{path.rsplit('.', 1)[-1]}={short_value(value)}"
+    def axes(self) -> list[str]:
+        """Its other search-axis values, e.g. `budget=2` for `pretrain.budget.value: 2`."""
+        return [
+            f"{_axis_name(path)}={short_value(value)}"
             for path, value in self.trial.overrides
             if path != names.LABEL_FRACTION
         ]
-        return "-".join([self.variant, *axes, f"s{self.trial.seed}"])
+
+    @property
+    def cell(self) -> str:
+        """The trial's cell, what its seeds are averaged over: the variant and its other axis
+        values, e.g. `pretrained@0.5 budget=2` (the MLflow param `variant`; the study view
+        groups by it)."""
+        return " ".join([self.variant, *self.axes])
+
+    @property
+    def name(self) -> str:
+        return "-".join([self.variant, *self.axes, f"s{self.trial.seed}"])
 
     def pretrain_key(self, dataset_fingerprint: str) -> str | None:
         """What decides the pretraining's weights, hashed: trials with equal keys share it.
@@ -155,6 +166,12 @@ def fraction_text(fraction: float) -> str:
     """A label fraction as every MLflow name, tag and param shows it: `1.0`, `0.5` (the
     param's own `str(float)` form, so one view never reads `1`, `1.0` and `@1` for one cell)."""
     return str(float(fraction))
+
+
+def _axis_name(path: str) -> str:
+    """An axis as names show it: its last key, or the one before a generic `value`."""
+    keys = path.split(".")
+    return keys[-2] if keys[-1] == "value" and len(keys) > 1 else keys[-1]
 
 
 def short_value(value: Any) -> str:

@@ -36,7 +36,7 @@ PRESET = "model.preset"
 # The data fields that choose the pseudo-labels (model.config.PSEUDO_LABEL_FIELDS).
 PSEUDO_LABELS = "data.pseudo_labels"  # the labeller; None: per data source
 PSEUDO_LABEL_SOURCE, PSEUDO_LABEL_NOISE = "data.pseudo_label_source", "data.pseudo_label_noise"
-VARIANT = "variant"  # a trial's arm and cell: `<arm>@0.5` (arms: model.arms)
+VARIANT = "variant"  # a trial's cell: `<arm>@0.5`, plus other axis values (`budget=4`)
 LABELLED_SAMPLES = "labelled_samples"
 
 

@@ -347,6 +347,10 @@ def test_a_trial_is_its_overrides_resolved_with_the_spec_model(tmp_path):
     assert (resolved.pretrain.w_reproj, resolved.pretrain.w_temporal) == (2.0, 0.3)
     assert (resolved.finetune.label_fraction, resolved.finetune.budget.value) == (0.5, 3)
     assert resolved.variant == "pretrained@0.5" and resolved.name == "pretrained@0.5-w_reproj=2-s1"
+    # The cell the study view groups by: one row per axis value, not all lengths in one.
+    assert resolved.cell == "pretrained@0.5 w_reproj=2"
+    lengths = Trial("pretrained", 0, (("pretrain.budget.value", 4),)).resolve(spec)
+    assert (lengths.cell, lengths.name) == ("pretrained@1.0 budget=4", "pretrained@1.0-budget=4-s0")
     assert Trial.from_dict(trial.to_dict()) == trial
 
 
