@@ -11,9 +11,10 @@ one axis of two settings (the best, and `{}`: the spec's own values, else the co
 defaults), and the supervised reference at the same fraction. Run it with `python -m
 harness.sweep`, judge it with `python -m analysis.report --reference "pretrained (...)@F"`.
 
-Importance is Optuna's fANOVA (`optuna.importance`, fixed seed) over the trials that ran every
-validation: a trial ASHA stopped has only an early value, not comparable with final ones. With a
-dozen trials it ranks parameters coarsely; it is printed with the trial count. Reads the search
+Importance is Optuna's fANOVA (`optuna.importance`, fixed seed) over every trial's val mIoU at
+the last validation all of them reached (ASHA's first rung at least): one budget for all, where
+the trials that ran to the end may be too few to rank anything. With a dozen trials it ranks
+parameters coarsely; it is printed with the trial count and the validation. Reads the search
 spec the sweep logged (`spec.yaml` of the sweep run), so it needs no file of the user's.
 Input problems exit with status 2 and one line on stderr.
 """
@@ -70,9 +71,16 @@ def search_table(trials: pd.DataFrame, params: dict[str, dict]) -> pd.DataFrame:
     return table.sort_values(["ran_to_the_end", METRIC], ascending=False).reset_index(drop=True)
 
 
+def common_validation(table: pd.DataFrame, epochs: pd.DataFrame) -> tuple[int, pd.DataFrame]:
+    """The last validation every trial reached (ASHA's first rung at least) and each trial's
+    val mIoU there: values at one budget, comparable across trials stopped or not."""
+    common = int(table["epochs_done"].min())
+    at = epochs[epochs["epoch"] == common][["trial_id", METRIC]]
+    return common, table.drop(columns=[METRIC]).merge(at, on="trial_id")
+
+
 def importance(table: pd.DataFrame, params: dict[str, dict], seed: int = 0) -> pd.Series:
-    """fANOVA importance of each sampled path (sums to 1), over the trials that ran every
-    validation (a stopped trial's last value is an early one, not comparable)."""
+    """fANOVA importance of each sampled path (sums to 1) for `table`'s val mIoU."""
     import optuna
 
     def distribution(dist: dict):
@@ -85,7 +93,7 @@ def importance(table: pd.DataFrame, params: dict[str, dict], seed: int = 0) -> p
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
     distributions = {path: distribution(dist) for path, dist in params.items()}
-    for _, row in table[table["ran_to_the_end"]].dropna(subset=[METRIC]).iterrows():
+    for _, row in table.dropna(subset=[METRIC]).iterrows():
         values = {path: row[path] for path in params}
         study.add_trial(
             optuna.trial.create_trial(
@@ -153,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         table = search_table(study.trials, params)
         if table.empty or not table["ran_to_the_end"].any():
             raise AnalysisError(f"experiment {args.experiment!r} has no finished trial")
-        scores = importance(table, params)
+        common, at_common = common_validation(table, study.epochs)
+        scores = importance(at_common, params)
         best = {path: float(table.loc[0, path]) for path in params}
         confirm = None
         if args.confirm is not None:
@@ -171,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{table.loc[0, METRIC]:.4f} on the search's own seed (biased upward: judge it with "
         "--confirm on fresh seeds)."
     )
-    full = int(table["ran_to_the_end"].sum())
-    print(f"\nfANOVA importance over the {full} trials that ran to the end (coarse with few):")
+    print(
+        f"\nfANOVA importance over all {len(at_common)} trials at validation {common}, the last "
+        "every trial reached (one budget for all; coarse with few trials):"
+    )
     print(scores.to_string(float_format="%.3f"))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
