@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             f"# Written by {PROG} --experiment {args.experiment} from the search's logged spec:\n"
             "# its best setting against the spec's own ({}: the spec's values, else the core's\n"
             "# defaults), paired by seed, on seeds the search did not use, beside the supervised\n"
-            "# reference at the same label fraction.\n"
+            "# reference at the same label fraction.\n#\n"
+            f"#   python -m harness.sweep {args.confirm}\n"
         )
         args.confirm.write_text(header + yaml.safe_dump(confirm, sort_keys=False))
         print(f"wrote {args.confirm}")
