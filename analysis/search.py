@@ -34,7 +34,13 @@ from analysis.inputs import (
     one_line_error,
     study_parser,
 )
-from analysis.load import PARAM_COLUMNS, AnalysisError, load_study, resolve_tracking_uri
+from analysis.load import (
+    FAILED,
+    PARAM_COLUMNS,
+    AnalysisError,
+    load_study,
+    resolve_tracking_uri,
+)
 from model import arms
 from model.cli import dir_to_create, stay_offline
 
@@ -62,7 +68,7 @@ def search_table(trials: pd.DataFrame, params: dict[str, dict]) -> pd.DataFrame:
     """One row per trial, best first: the sampled values, the last val mIoU, the validations
     it ran and whether it ran them all (ASHA stops the others)."""
     columns = [COLUMN_OF[path] for path in params]
-    done = trials[~trials["status"].isin(("FAILED", "KILLED"))]
+    done = trials[~trials["status"].isin(FAILED)]
     full = done["epochs_done"].max()
     table = done[["trial_id", "run_name", *columns, METRIC, "epochs_done"]].copy()
     table = table.rename(columns={COLUMN_OF[path]: path for path in params})
