@@ -381,6 +381,7 @@ class RuntimeConfig(Config):
     # AMX), float32 elsewhere; false: float32 everywhere.
     bf16: bool = True
     channels_last: bool = True  # image backbone + FPN in NHWC memory order
+    fold_frozen_norms: bool = True  # frozen BatchNorms folded into their convolutions
     fused_adamw: bool = True  # one fused AdamW kernel (foreach where torch has none)
     keep_freed_memory: bool = True  # glibc keeps freed memory for the next step (process-wide)
     progress: bool = True  # tqdm bars (shown on terminals only)

@@ -121,6 +121,7 @@ def train_losses(
     assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
     adamw = load_checkpoint(phase.checkpoint_path)["optimizer"]["param_groups"][0]
     assert bool(adamw["fused"]) == fused
+    assert net.backbone.fold_frozen_norms == runtime.fold_frozen_norms  # a no-op on nano
     losses = [r.losses[names.loss_metric("pretrain", "loss")] for r in reports]
     return torch.tensor(losses, dtype=torch.float64), conv_dtypes.seen
 
@@ -224,6 +225,71 @@ def test_to_channels_last_converts_backbone_weights_only():
         to_channels_last(nn.Linear(2, 2))
 
 
+# --- frozen norms folded into their convolutions -------------------------------------------
+
+# The pretrained presets' backbone: stem and stage 1 frozen, every norm in eval mode with
+# frozen parameters; with DCNv2 in stage 2 (its norm is not folded: not a plain convolution).
+FROZEN_BACKBONE = replace(MIXED_BACKBONE, frozen_stages=1, norm_eval=True)
+
+
+class NormCalls:
+    """How many times the BatchNorms of a module ran (forward hooks)."""
+
+    def __init__(self, module: nn.Module):
+        self.count = 0
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.register_forward_hook(lambda *_: setattr(self, "count", self.count + 1))
+
+
+def _forward_and_grads(net: ResNetFPN, images: torch.Tensor):
+    net.zero_grad()
+    feats = net(images)
+    sum(f.square().mean() for f in feats).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    return [f.detach() for f in feats], grads
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_folding_frozen_norms_keeps_the_backbone_forward_and_gradients(channels_last, training):
+    torch.manual_seed(0)
+    plain = ResNetFPN(FROZEN_BACKBONE).train(training)
+    for m in plain.modules():  # running statistics away from (0, 1), so folding has work to do
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    if channels_last:
+        to_channels_last(plain)
+    folded = precision.fold_frozen_norms(copy.deepcopy(plain))
+    calls = NormCalls(folded)
+    images = torch.randn(2, 3, 64, 96)
+    want, want_grads = _forward_and_grads(plain, images)
+    got, got_grads = _forward_and_grads(folded, images)
+    # Every norm is frozen but the DCN block's (stage 2, block 0 and 1: one each).
+    assert calls.count == 2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+    assert got_grads.keys() == want_grads.keys() and want_grads  # stage 2 and the FPN train
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=0, atol=1e-4 * float(g.abs().max()))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval (history pass)"])
+def test_folding_leaves_trained_norms_alone_so_nano_is_bit_for_bit_unchanged(training):
+    torch.manual_seed(0)
+    plain = ResNetFPN(CFG).train(training)
+    folded = precision.fold_frozen_norms(copy.deepcopy(plain))
+    calls = NormCalls(folded)
+    images = torch.randn(2, 3, 48, 80)
+    want, want_grads = _forward_and_grads(plain, images)
+    got, got_grads = _forward_and_grads(folded, images)
+    assert calls.count == sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert all(torch.equal(got_grads[n], g) for n, g in want_grads.items())
+    with pytest.raises(TypeError, match="fold"):
+        precision.fold_frozen_norms(nn.Linear(2, 2))
+
+
 # --- autocast ----------------------------------------------------------------------------------
 
 
@@ -316,7 +382,7 @@ def test_bench_refuses_cuda_without_cuda(capsys):
 def test_bench_compares_each_switch_with_float32_and_fast_attention_with_all_switches_on():
     from model.tools.bench_compare import compare_arms
 
-    arms, comparisons = compare_arms(["triton"])
+    arms, comparisons = compare_arms(["triton"], frozen_norms=False)
     off, everything = comparisons[0][1], comparisons[4][2]
     assert [(label, a is off) for label, a, _ in comparisons[:5]] == [
         ("channels_last backbone", True),
@@ -333,6 +399,14 @@ def test_bench_compares_each_switch_with_float32_and_fast_attention_with_all_swi
         replace(everything, name=comparisons[5][2].name, attention_impl="triton"),
     )
     assert len(arms) == 7  # off, four singles, all, all + triton
+    arms, comparisons = compare_arms([], frozen_norms=True)  # a pretrained preset on a CPU
+    everything = comparisons[4][2]
+    assert comparisons[5] == (
+        "fold frozen norms (all on)",
+        everything,
+        replace(everything, name=comparisons[5][2].name, fold_norms=True),
+    )
+    assert len(arms) == 7  # off, four singles, all, all + folded
 
 
 class _Mallinfo2(ctypes.Structure):

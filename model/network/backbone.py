@@ -9,6 +9,7 @@ convs on the last FPN output when more levels than stages are asked for.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -123,15 +124,63 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
         log.warning("backbone tensors not in %s: %s", path, missing[:8])
 
 
+def _frozen(bn: nn.BatchNorm2d) -> bool:
+    """A norm that is a fixed affine map here: running statistics (eval mode) and no trainable
+    parameters (``norm_eval`` or a frozen stage)."""
+    return not bn.training and not bn.weight.requires_grad
+
+
+def conv_bn(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) -> torch.Tensor:
+    """``bn(conv(x))``. With ``fold``, a frozen ``bn`` after a plain convolution is folded into
+    it: weight * s and bias + (beta - mean * s), s = gamma / sqrt(var + eps), computed from the
+    current weight at every call (the weight may train; the gradient reaches it through the
+    scaling)."""
+    if not (fold and type(conv) is nn.Conv2d and _frozen(bn)):
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)  # keeps the weight's memory format
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, fold: bool) -> torch.Tensor:
+    """torchvision's ``BasicBlock`` / ``Bottleneck`` forward, its conv + norm pairs through
+    ``conv_bn``."""
+    convs = [n for n in ("1", "2", "3") if hasattr(block, f"conv{n}")]
+    out = x
+    for i, n in enumerate(convs):
+        out = conv_bn(getattr(block, f"conv{n}"), getattr(block, f"bn{n}"), out, fold)
+        if i < len(convs) - 1:
+            out = block.relu(out)
+    down = block.downsample
+    out += x if down is None else conv_bn(down[0], down[1], x, fold)
+    return block.relu(out)
+
+
+def _run_layer(layer: nn.Sequential, x: torch.Tensor, fold: bool) -> torch.Tensor:
+    for block in layer:
+        x = _run_block(block, x, fold)
+    return x
+
+
 class ResNetFPN(nn.Module):
     """(N, 3, H, W) images -> list of (N, D, h_l, w_l) features, finest level first.
 
     With ``channels_last`` (set by ``model.training.precision.to_channels_last``, which also
     converts the weights) the images enter in NHWC memory order and the features leave in it;
     shapes and values are those of the NCHW network.
+
+    With ``fold_frozen_norms`` (``model.training.precision.fold_frozen_norms``) every frozen
+    BatchNorm (``norm_eval``, frozen stages) is folded into the convolution before it at each
+    forward (``conv_bn``): one convolution with scaled weights and a bias instead of a
+    convolution and a norm pass, forward and backward. The values are those of the unfolded
+    network to rounding; a norm that trains is left as it is.
     """
 
     channels_last: bool = False
+    fold_frozen_norms: bool = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -195,14 +244,16 @@ class ResNetFPN(nn.Module):
         body = self.body
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
+        fold = self.fold_frozen_norms
+        x = body.maxpool(body.relu(conv_bn(body.conv1, body.bn1, images, fold)))
         feats = OrderedDict()
         for stage in range(1, max(self.out_stages) + 1):
             layer = getattr(body, f"layer{stage}")
+            run = functools.partial(_run_layer, layer, fold=True) if fold else layer
             if self.cfg.backbone_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, use_reentrant=False)
+                x = checkpoint(run, x, use_reentrant=False)
             else:
-                x = layer(x)
+                x = run(x)
             if stage in self.out_stages:
                 feats[f"c{stage}"] = x
         return list(self.fpn(feats).values())

@@ -10,7 +10,8 @@ every implementation that can run on the device.
 
 ``--compare`` instead times each speed switch of ``model.training.precision`` (channels_last, fused
 AdamW, bf16 autocast, keeping freed memory, all together; on CUDA also the attention
-implementations) against the plain float32 step, the step of the loop before these switches
+implementations; for a preset with frozen norms, folding them) against the plain float32 step
+(the last ones against all switches on), the step of the loop before these switches
 (the loop's own step in every arm). Keeping
 freed memory is process-wide: it is set before each arm's block (off: glibc's static 128 KiB
 thresholds). The arms are interleaved in one process: every repeat runs a block of

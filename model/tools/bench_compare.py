@@ -30,6 +30,7 @@ from model.training.loop import Phase
 from model.training.precision import (
     autocast,
     bf16_autocast_active,
+    fold_frozen_norms,
     fused_adamw_supported,
     keep_freed_memory,
     make_adamw,
@@ -48,6 +49,7 @@ class Arm:
     # model.training.precision.keep_freed_memory (process-wide, set per block)
     keep_memory: bool = False
     attention_impl: str | None = None  # None: the preset's
+    fold_norms: bool = False  # model.training.precision.fold_frozen_norms
 
 
 @dataclass
@@ -61,8 +63,10 @@ class ArmState:
     phase: Phase | None = None  # the loop's view of the arm's step
 
 
-def compare_arms(attention_impls: list[str]) -> tuple[list[Arm], list]:
-    """The arms and the (label, off arm, on arm) comparisons the bench prints."""
+def compare_arms(attention_impls: list[str], frozen_norms: bool) -> tuple[list[Arm], list]:
+    """The arms and the (label, off arm, on arm) comparisons the bench prints: each switch
+    against float32 NCHW, all of them together; then against all on, folding frozen norms
+    (where the preset has frozen norms) and each fast attention implementation."""
     off = Arm("float32, NCHW, AdamW", attention_impl="pytorch" if attention_impls else None)
     single = [
         ("channels_last backbone", replace(off, name="channels_last", channels_last=True)),
@@ -74,11 +78,19 @@ def compare_arms(attention_impls: list[str]) -> tuple[list[Arm], list]:
     everything = replace(everything, attention_impl=off.attention_impl)
     comparisons = [(label, off, arm) for label, arm in single]
     comparisons.append(("all together", off, everything))
+    if frozen_norms:
+        folded = replace(everything, name="all, frozen norms folded", fold_norms=True)
+        comparisons.append(("fold frozen norms (all on)", everything, folded))
     for impl in attention_impls:
         fast = replace(everything, name=f"all, attention {impl}", attention_impl=impl)
         comparisons.append((f"attention {impl} vs pytorch (all on)", everything, fast))
     arms = list(dict.fromkeys(a for _, x, y in comparisons for a in (x, y)))
     return arms, comparisons
+
+
+def has_frozen_norms(cfg: ModelConfig) -> bool:
+    """Whether the preset's backbone has norms ``fold_frozen_norms`` folds."""
+    return cfg.norm_eval or cfg.frozen_stages >= 0
 
 
 def build_arm(arm: Arm, cfg: ModelConfig, grid: BevGrid, num_classes: int, device) -> ArmState:
@@ -88,6 +100,8 @@ def build_arm(arm: Arm, cfg: ModelConfig, grid: BevGrid, num_classes: int, devic
     net = BEVFormerSeg(cfg, num_classes, grid).to(device).train()
     if arm.channels_last:
         to_channels_last(net)
+    if arm.fold_norms:
+        fold_frozen_norms(net)
     opt = make_adamw(net.param_groups(2e-4), 2e-4, 0.01, device, fused=arm.fused_adamw)
     phase = bench_phase(net, grid, device, arm.bf16)
     return ArmState(arm, net, opt, autocast(device, arm.bf16), [], phase=phase)
@@ -147,7 +161,7 @@ def print_comparison(states: dict[Arm, ArmState], comparisons: list, device: tor
 
 def compare(args, cfg: ModelConfig, grid: BevGrid, device: torch.device) -> None:
     impls = fast_attention_impls(device) if device.type == "cuda" else []
-    arms, comparisons = compare_arms(impls)
+    arms, comparisons = compare_arms(impls, has_frozen_norms(cfg))
     states = {arm: build_arm(arm, cfg, grid, args.num_classes, device) for arm in arms}
     batch = make_batch(cfg, grid, args.batch, args.num_classes, device)
     run_interleaved(list(states.values()), batch, args.steps, args.repeats, args.warmup)
@@ -175,11 +189,16 @@ def compare(args, cfg: ModelConfig, grid: BevGrid, device: torch.device) -> None
     off_ms = statistics.median(states[off].block_ms)
     on_ms = statistics.median(states[everything].block_ms)
     print("\n" + roof.describe(off_ms, on_ms, off.name, "all switches on"))
-    state = states[everything]
-    classes, wall_ms = op_breakdown(
-        lambda: step(state.phase, state.opt, batch, state.amp), max(args.steps, 2), device
-    )
-    print("\n" + breakdown_table(classes, wall_ms, "all switches on"))
+    folded = [arm for _, base, arm in comparisons if base is everything and arm.fold_norms]
+    for arm in [everything, *folded]:  # the breakdown before and after folding
+        state = states[arm]
+        classes, wall_ms = op_breakdown(
+            lambda state=state: step(state.phase, state.opt, batch, state.amp),
+            max(args.steps, 2),
+            device,
+        )
+        what = "all switches on" if arm is everything else arm.name
+        print("\n" + breakdown_table(classes, wall_ms, what))
     history_ms, reused_ms, ratios = compare_eval(states[everything], batch, args.repeats)
     print(
         f"\nevaluation ({EVAL_BATCHES} batches of consecutive keyframes, all switches on, "

@@ -53,7 +53,12 @@ from model.training import distributed
 from model.training.checkpoint import load_checkpoint, save_checkpoint
 from model.training.compat import check_resumable, check_trunk
 from model.training.losses import NonFiniteLossError, check_finite, weighted_sum
-from model.training.precision import autocast, make_adamw, to_channels_last
+from model.training.precision import (
+    autocast,
+    fold_frozen_norms,
+    make_adamw,
+    to_channels_last,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +184,11 @@ def train_step(
 
 
 def prepare(net: BevModel, device: torch.device, runtime: RuntimeConfig) -> BevModel:
-    """``net`` on ``device``, its backbone + FPN in channels_last if ``runtime`` says so."""
+    """``net`` on ``device``, its backbone + FPN in channels_last and its frozen norms folded if
+    ``runtime`` says so."""
     net.to(device)
+    if runtime.fold_frozen_norms:
+        fold_frozen_norms(net)
     return to_channels_last(net) if runtime.channels_last else net
 
 

@@ -1,5 +1,6 @@
 """Speed switches of the training step that leave the method as it is: bf16 autocast (CUDA, and
-CPUs with native bf16), fused AdamW, channels_last for the image backbone.
+CPUs with native bf16), fused AdamW, channels_last for the image backbone, frozen norms folded into
+their convolutions.
 
 Each one is a plain function the loop calls once; ``python -m model.tools.bench --compare`` measures
 each against its off state on the machine at hand (docs/model.md has the numbers).
@@ -14,6 +15,10 @@ each against its off state on the machine at hand (docs/model.md has the numbers
 - ``to_channels_last``: the ResNet + FPN weights and the images they see in NHWC memory order,
   where oneDNN's convolutions and the stem's max-pool are fastest. Only the memory layout
   changes: shapes and values are the same, and everything after the FPN is unchanged.
+- ``fold_frozen_norms``: a frozen BatchNorm (``norm_eval``, frozen stages: the pretrained
+  backbones of ``tiny`` and up) is a fixed affine map, folded into the convolution before it at
+  each forward: no norm pass forward or backward. Values equal to rounding; trained norms (all
+  of ``nano``'s) are left as they are.
 - ``keep_freed_memory``: glibc keeps the heap memory a step frees for the next step instead of
   returning it to the kernel, so the next step's tensors do not fault in fresh pages (on the
   CPU profile, ``aten::empty`` was 10 % of a nano step). Process-wide; values are unchanged.
@@ -107,6 +112,18 @@ def to_channels_last(net: nn.Module) -> nn.Module:
         raise TypeError(f"{type(backbone).__name__} has no channels_last switch (not ResNetFPN)")
     backbone.to(memory_format=torch.channels_last)
     backbone.channels_last = True
+    return net
+
+
+def fold_frozen_norms(net: nn.Module) -> nn.Module:
+    """Fold the frozen BatchNorms of ``net``'s image backbone (a ``BEVFormerSeg`` or a
+    ``ResNetFPN``) into the convolutions before them, at every forward
+    (``model.network.backbone.conv_bn``). In place; returns ``net``. Does nothing to a norm
+    that trains (the ``nano`` preset has none frozen)."""
+    backbone = getattr(net, "backbone", net)
+    if not hasattr(backbone, "fold_frozen_norms"):
+        raise TypeError(f"{type(backbone).__name__} has no norms to fold (not ResNetFPN)")
+    backbone.fold_frozen_norms = True
     return net
 
 
