@@ -357,6 +357,7 @@ class Tracker:
         """A dataset input of the run (`mlflow.log_input`): `digest` identifies the content,
         `profile` says what it holds (e.g. the scene list of a label subset)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
         dataset = Dataset(
             name=name,
@@ -365,8 +366,17 @@ class Tracker:
             source=json.dumps({"uri": source}),
             profile=json.dumps(profile, default=str),
         )
-        tags = [InputTag("mlflow.data.context", context)]
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+        try:
+            self.client.log_inputs(run_id, datasets=inputs)
+        except MlflowException as e:
+            # Two trials logging the same dataset at once: MLflow's SQL store looks the dataset
+            # up, then inserts it, so the later insert breaks the unique key (experiment, name,
+            # digest) and rolls back. The dataset exists now: logging again links it to the run.
+            if "unique constraint" not in str(e).lower():
+                raise
+            log.info("dataset %s was logged by another trial at the same time: linking it", name)
+            self.client.log_inputs(run_id, datasets=inputs)
 
     def log_artifact(self, run_id: str, path: Path, folder: str) -> str:
         """Upload one file; returns its artifact path (what a tag can point to)."""

@@ -96,3 +96,31 @@ def test_an_experiment_carries_the_study_view_new_or_old(tmp_path):
     for tracker in (fresh, old):
         tags = tracker.client.get_experiment(tracker.experiment_id).tags
         assert study_view_tags().items() <= tags.items(), tracker.experiment
+
+
+def test_two_trials_logging_the_same_dataset_at_once_both_get_it(tmp_path):
+    """The race of two trials starting together (seen in CI): MLflow's SQL store looks the
+    dataset up, another process inserts it, then this one's insert breaks the unique key. Here
+    the other trial's log runs just before the first trial's INSERT reaches SQLite."""
+    from sqlalchemy import event
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    first, other = Tracker(uri, "exp"), Tracker(uri, "exp")
+    run_a, _ = first.open_run({TRIAL_ID: "a"}, "a")
+    run_b, _ = other.open_run({TRIAL_ID: "b"}, "b")
+    dataset = dict(name="train", digest="d1", source="/data", profile={"scenes": 3})
+    engine = first.client._tracking_client.store.engine
+    raced = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def other_trial_gets_there_first(conn, cursor, statement, *args):
+        if statement.startswith("INSERT INTO datasets") and not raced:
+            raced.append(statement)
+            other.log_dataset(run_b, **dataset, context="train")
+
+    first.log_dataset(run_a, **dataset, context="train")
+
+    assert raced  # the race happened
+    for run_id in (run_a, run_b):
+        inputs = first.client.get_run(run_id).inputs.dataset_inputs
+        assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("train", "d1")]
