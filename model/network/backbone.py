@@ -124,6 +124,12 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
         log.warning("backbone tensors not in %s: %s", path, missing[:8])
 
 
+def has_frozen_norms(cfg: ModelConfig) -> bool:
+    """Whether ``ResNetFPN(cfg)`` has norms ``conv_bn`` folds: ``norm_eval``, or a frozen stem
+    (``frozen_stages >= 0``), as ``ResNetFPN._freeze`` and ``train`` set them."""
+    return cfg.norm_eval or cfg.frozen_stages >= 0
+
+
 def _frozen(bn: nn.BatchNorm2d) -> bool:
     """A norm that is a fixed affine map here: running statistics (eval mode) and no trainable
     parameters (``norm_eval`` or a frozen stage)."""

@@ -14,6 +14,7 @@ import torch
 
 from model.evaluation.forward import EvalForward, eval_mode, forward, history_pass
 from model.geometry import BevGrid
+from model.network.backbone import has_frozen_norms
 from model.network.bevformer import BEVFormerSeg
 from model.presets import ModelConfig
 from model.tools.bench_step import (
@@ -86,11 +87,6 @@ def compare_arms(attention_impls: list[str], frozen_norms: bool) -> tuple[list[A
         comparisons.append((f"attention {impl} vs pytorch (all on)", everything, fast))
     arms = list(dict.fromkeys(a for _, x, y in comparisons for a in (x, y)))
     return arms, comparisons
-
-
-def has_frozen_norms(cfg: ModelConfig) -> bool:
-    """Whether the preset's backbone has norms ``fold_frozen_norms`` folds."""
-    return cfg.norm_eval or cfg.frozen_stages >= 0
 
 
 def build_arm(arm: Arm, cfg: ModelConfig, grid: BevGrid, num_classes: int, device) -> ArmState:
