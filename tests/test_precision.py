@@ -442,3 +442,12 @@ def test_keeping_freed_memory_serves_step_sized_tensors_from_the_heap():
         assert precision.keep_freed_memory(False)
     finally:
         precision.keep_freed_memory(True)
+
+
+@pytest.mark.parametrize("cfg", [CFG, MIXED_BACKBONE, FROZEN_BACKBONE, get_preset("tiny")])
+def test_has_frozen_norms_says_whether_the_built_backbone_has_any(cfg):
+    from model.network.backbone import _frozen, has_frozen_norms
+
+    net = ResNetFPN(replace(cfg, image_size=(32, 32))).train()
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert has_frozen_norms(cfg) == any(_frozen(bn) for bn in norms)
