@@ -444,7 +444,9 @@ def test_keeping_freed_memory_serves_step_sized_tensors_from_the_heap():
         precision.keep_freed_memory(True)
 
 
-@pytest.mark.parametrize("cfg", [CFG, MIXED_BACKBONE, FROZEN_BACKBONE, get_preset("tiny")])
+@pytest.mark.parametrize(
+    "cfg", [CFG, MIXED_BACKBONE, replace(MIXED_BACKBONE, frozen_stages=0), FROZEN_BACKBONE]
+)
 def test_has_frozen_norms_says_whether_the_built_backbone_has_any(cfg):
     from model.network.backbone import _frozen, has_frozen_norms
 
